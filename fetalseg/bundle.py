@@ -1,0 +1,147 @@
+"""Load the project's one model definition from the MONAI bundle.
+
+The network, transforms, patch size, loss and inferer are written once, in the bundle's ``configs/*.json``.
+:class:`Bundle` parses them with MONAI's own ``ConfigParser`` (so ``python -m monai.bundle run`` sees exactly the
+same objects) and hands out fresh instances; nothing here re-types a layer or a transform.
+
+``overrides`` change config values by id (e.g. ``{"pixdim": [4, 4, 4], "patch_size": [32, 32, 32]}`` for tiny
+test volumes) the way MONAI's ``--key value`` command-line overrides do, instead of editing the JSON.
+"""
+
+from __future__ import annotations
+
+import pydoc
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+
+from fetalseg.paths import bundle_dir
+
+CONFIG_FILES = {
+    "train": ("common.json", "train.json"),
+    "inference": ("common.json", "inference.json"),
+    "common": ("common.json",),
+}
+CHECKPOINT_NAME = "model.pt"
+
+
+class Bundle:
+    """A parsed view of the bundle for one purpose ("train", "inference" or "common")."""
+
+    def __init__(
+        self,
+        purpose: str = "train",
+        *,
+        root: str | Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        if purpose not in CONFIG_FILES:
+            raise ValueError(f"purpose must be one of {sorted(CONFIG_FILES)}, got {purpose!r}")
+        self.purpose = purpose
+        self.root = Path(root).resolve() if root is not None else bundle_dir()
+        self.overrides = dict(overrides or {})
+        self.parser = ConfigParser()
+        self.parser.read_meta(str(self.root / "configs" / "metadata.json"))
+        self.parser.read_config([str(self.root / "configs" / name) for name in CONFIG_FILES[purpose]])
+        self.parser["bundle_root"] = str(self.root)
+        for key, value in self.overrides.items():
+            self.parser[key] = value
+        self.parser.parse(reset=True)
+
+    # -- plain values ------------------------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        """A parsed config value, e.g. ``bundle.get("max_epochs")``."""
+        return self.parser.get_parsed_content(key, default=default)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return dict(self.parser.get("_meta_"))
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version", "0"))
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.parser.get_parsed_content("patch_size"))
+
+    @property
+    def pixdim(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.parser.get_parsed_content("pixdim"))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.parser.get_parsed_content("num_classes"))
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.parser.get_parsed_content("ckpt_dir")) / CHECKPOINT_NAME
+
+    # -- fresh objects (instantiate=True creates a new instance each call) --------------------------------------
+    def _fresh(self, key: str) -> Any:
+        return self.parser.get_parsed_content(key, instantiate=True, lazy=False)
+
+    def network(self, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """A new, randomly initialised network as defined in ``network_def``."""
+        return self._fresh("network_def").to(device)
+
+    def preprocessing(self) -> Any:
+        """Deterministic pre-processing (load, orient, resample, normalise) shared by train, eval and infer."""
+        return self._fresh("preprocessing")
+
+    def train_transforms(self) -> Any:
+        self._require("train")
+        return self._fresh("train_transforms")
+
+    def augmentation_transforms(self) -> list[Any]:
+        """Only the random part of training (patching, flips, intensity), for cached pre-processed data."""
+        self._require("train")
+        return list(self._fresh("augmentation_transforms"))
+
+    def loss(self) -> torch.nn.Module:
+        return self._fresh("loss")
+
+    def inferer(self) -> Any:
+        return self._fresh("inferer")
+
+    def optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The optimizer of ``train.json`` bound to ``params`` (not to the bundle's own network instance)."""
+        self._require("train")
+        cfg = dict(self.parser.get("optimizer"))
+        target = cfg.pop("_target_")
+        kwargs = {k: self.parser.get_parsed_content(f"optimizer#{k}") for k in cfg if k != "params"}
+        cls = pydoc.locate(target)
+        if cls is None:
+            raise ImportError(f"optimizer class {target!r} in train.json cannot be imported")
+        return cls(params, **kwargs)
+
+    def _require(self, purpose: str) -> None:
+        if self.purpose != purpose:
+            raise RuntimeError(f"this Bundle was parsed for {self.purpose!r}; use Bundle({purpose!r})")
+
+
+def load_checkpoint(network: torch.nn.Module, path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
+    """Load weights saved by :func:`save_checkpoint` (or a bare state dict); return the checkpoint's extra info."""
+    ckpt = torch.load(Path(path), map_location=map_location, weights_only=False)
+    if isinstance(ckpt, Mapping) and "model" in ckpt and isinstance(ckpt["model"], Mapping):
+        network.load_state_dict(ckpt["model"])
+        return {k: v for k, v in ckpt.items() if k != "model"}
+    network.load_state_dict(ckpt)  # a bare state dict, as MONAI's CheckpointSaver writes with save_dict={"model":..}
+    return {}
+
+
+def save_checkpoint(network: torch.nn.Module, path: str | Path, **info: Any) -> Path:
+    """Write ``{"model": state_dict, **info}`` atomically (temp file + rename): a reader never sees half a model.
+
+    The format is what the bundle's ``CheckpointLoader(load_dict={"model": ...})`` reads.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    torch.save({"model": state, **info}, tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""Data: synthetic phantoms, site federations, FeTA/folder loaders and validation."""
