@@ -4,8 +4,9 @@ The network, transforms, patch size, loss and inferer are written once, in the b
 :class:`Bundle` parses them with MONAI's own ``ConfigParser`` (so ``python -m monai.bundle run`` sees exactly the
 same objects) and hands out fresh instances; nothing here re-types a layer or a transform.
 
-``overrides`` change config values by id (e.g. ``{"pixdim": [4, 4, 4], "patch_size": [32, 32, 32]}`` for tiny
-test volumes) the way MONAI's ``--key value`` command-line overrides do, instead of editing the JSON.
+A ``variant`` adds an overlay from ``configs/variants/`` (``tiny`` for test volumes, ``feta`` for real FeTA data), as
+MONAI Model Zoo bundles do; ``overrides`` change single config values by id (e.g. ``{"max_epochs": 3}``) the way
+MONAI's ``--key value`` command-line overrides do, instead of editing the JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Bundle:
         purpose: str = "train",
         *,
         root: str | Path | None = None,
+        variant: str | None = None,
         overrides: Mapping[str, Any] | None = None,
     ) -> None:
         if purpose not in CONFIG_FILES:
@@ -45,7 +47,14 @@ class Bundle:
         self.overrides = dict(overrides or {})
         self.parser = ConfigParser()
         self.parser.read_meta(str(self.root / "configs" / "metadata.json"))
-        self.parser.read_config([str(self.root / "configs" / name) for name in CONFIG_FILES[purpose]])
+        files = [self.root / "configs" / name for name in CONFIG_FILES[purpose]]
+        self.variant = variant
+        if variant:
+            overlay = self.root / "configs" / "variants" / f"{variant}.json"
+            if not overlay.is_file():
+                raise ValueError(f"unknown bundle variant {variant!r}; available: {', '.join(variants(self.root))}")
+            files.append(overlay)
+        self.parser.read_config([str(f) for f in files])
         self.parser["bundle_root"] = str(self.root)
         for key, value in self.overrides.items():
             self.parser[key] = value
@@ -121,6 +130,12 @@ class Bundle:
     def _require(self, purpose: str) -> None:
         if self.purpose != purpose:
             raise RuntimeError(f"this Bundle was parsed for {self.purpose!r}; use Bundle({purpose!r})")
+
+
+def variants(root: str | Path | None = None) -> list[str]:
+    """Names of the bundle's variant overlays (``configs/variants/*.json``)."""
+    folder = Path(root or bundle_dir()) / "configs" / "variants"
+    return sorted(p.stem for p in folder.glob("*.json"))
 
 
 def load_checkpoint(network: torch.nn.Module, path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:

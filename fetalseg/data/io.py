@@ -118,3 +118,11 @@ def write_nifti(
     nib.save(img, str(tmp))
     tmp.replace(path)
     return path
+
+
+def image_datalist(folder: str | Path) -> list[dict[str, str]]:
+    """``[{"image": path}, ...]`` for every image in ``folder``: the bundle's inference datalist."""
+    images = find_images(folder)
+    if not images:
+        raise FileNotFoundError(f"no images (.nii, .nii.gz, .nrrd, .mha) in {folder}")
+    return [{"image": p} for p in images]
