@@ -6,3 +6,8 @@ MONAI Label app, the NVFlare jobs, the privacy layer and the benchmarks can all 
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# MONAI probes for NVIDIA's image codec on every image load and warns when it is absent (always, on CPU machines).
+_logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(_logging.ERROR)

@@ -56,9 +56,15 @@ class Segmenter:
         data = self.preprocess(image)
         logits = self.logits(data)
         pred = torch.argmax(logits, dim=1, keepdim=True)[0].to(torch.uint8).cpu()
+        probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy() if with_probabilities else None
+        label, affine = self.to_input_space(data, pred)
+        return Segmentation(label=label, affine=affine, probabilities=probabilities)
+
+    def to_input_space(self, data: dict[str, Any], pred: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Undo the pre-processing's orientation and resampling on a label map ``pred`` (1, X, Y, Z, model grid)."""
+        data = dict(data)
         data["pred"] = MetaTensor(pred)  # Invertd copies the image's transform trace onto a MetaTensor
         inverted = self._invert(data)["pred"]
         label = np.asarray(inverted.detach().cpu().numpy()[0]).round().astype(np.uint8)
         affine = np.asarray(data["image"].meta.get("original_affine", data["image"].affine), dtype=float)
-        probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy() if with_probabilities else None
-        return Segmentation(label=label, affine=affine, probabilities=probabilities)
+        return label, affine
