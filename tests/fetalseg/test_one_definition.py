@@ -21,15 +21,7 @@ NETWORK_PATTERNS = [
 ]
 # three or more FeTA tissue names paired with their label values in one file = a second label table
 # (names used as keys to look values up through fetalseg.labels are fine)
-LABEL_NAMES = [
-    "external_csf",
-    "grey_matter",
-    "white_matter",
-    "ventricles",
-    "cerebellum",
-    "deep_grey_matter",
-    "brainstem",
-]
+LABEL_NAMES = [lab.name for lab in foreground_labels()]
 LABEL_TABLE_ALLOWED = {"tests/fetalseg/test_labels.py"}  # the test that pins the table in metadata.json
 
 
