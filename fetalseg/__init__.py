@@ -11,3 +11,7 @@ import logging as _logging
 
 # MONAI probes for NVIDIA's image codec on every image load and warns when it is absent (always, on CPU machines).
 _logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(_logging.ERROR)
+
+import warnings as _warnings
+
+_warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
