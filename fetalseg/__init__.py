@@ -5,13 +5,11 @@ the MONAI bundle, training and evaluation steps, metrics. It imports neither mon
 MONAI Label app, the NVFlare jobs, the privacy layer and the benchmarks can all build on it.
 """
 
-__version__ = "0.1.0"
-
 import logging as _logging
-
-# MONAI probes for NVIDIA's image codec on every image load and warns when it is absent (always, on CPU machines).
-_logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(_logging.ERROR)
-
 import warnings as _warnings
 
+__version__ = "0.1.0"
+
+# MONAI probes for NVIDIA's image codec on every image load and complains when it is absent (always, on CPU).
+_logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(_logging.ERROR)
 _warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
