@@ -1,0 +1,195 @@
+"""``fetal-fl app ...``: run the MONAI Label server and exchange models and cases with federated training.
+
+* ``serve``: start MONAI Label with this app behind its hardened front (127.0.0.1 by default);
+* ``install-model``: check a federated global model (checkpoint file or finished NVFlare job folder) and make it
+  the served model, keeping where it came from;
+* ``export-cases``: write the corrected cases as a dataset folder for the site's NVFlare client;
+* ``model-info``: what the server would serve (version, origin, validation Dice).
+
+Heavy imports (MONAI Label, torch) happen inside the handlers so ``fetal-fl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parent
+UVICORN_APP = "apps.fetal_brain.server:app"
+
+
+def server_argv(
+    *, studies: str | Path, host: str = "127.0.0.1", port: int = 8000, conf: Sequence[Sequence[str]] = ()
+) -> list[str]:
+    """``monailabel start_server`` arguments for this app behind its front (what the README shows)."""
+    argv = [
+        "start_server",
+        "--app",
+        str(APP_DIR),
+        "--studies",
+        str(studies),
+        "--host",
+        host,
+        "--port",
+        str(int(port)),
+        "--uvicorn_app",
+        UVICORN_APP,
+    ]
+    for key, value in conf:
+        argv += ["--conf", str(key), str(value)]
+    return argv
+
+
+def _conf(args: argparse.Namespace) -> list[list[str]]:
+    conf = [list(c) for c in (args.conf or [])]
+    if getattr(args, "model_path", None):
+        conf.append(["model_path", str(Path(args.model_path).expanduser().resolve())])
+    return conf
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from apps.fetal_brain.lib.config import AppConfig
+    from apps.fetal_brain.lib.model_store import ModelStore
+
+    config = AppConfig.from_conf(dict(_conf(args)))
+    bundle = config.bundle("inference")
+    return ModelStore(config.resolved_model_path(bundle), bundle=bundle, device=config.device)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from monailabel.main import Main
+
+    os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    conf = _conf(args)
+    remote_ok = any(k == "allow_remote" and v.lower() in {"1", "true", "yes", "on"} for k, v in conf)
+    if args.host not in {"127.0.0.1", "localhost", "::1"} and not remote_ok:
+        log.warning("binding %s, but only this machine is served unless --conf allow_remote true", args.host)
+    argv = server_argv(studies=args.studies, host=args.host, port=args.port, conf=conf)
+    if args.dryrun:
+        print(" ".join([sys.executable, "-m", "monailabel.main", *argv]))
+        return 0
+    main = Main()
+    main.action_start_server(main.args_parser().parse_args(argv))
+    return 0
+
+
+def cmd_install_model(args: argparse.Namespace) -> int:
+    from apps.fetal_brain.lib.exchange import install_model
+
+    described = install_model(
+        args.source,
+        store=_store(args),
+        origin=args.origin,
+        job_id=args.job_id,
+        fl_round=args.round,
+        trust_pickle=args.trust_pickle,
+        allow_grid_mismatch=args.allow_grid_mismatch,
+    )
+    _print_json(described)
+    return 0
+
+
+def cmd_export_cases(args: argparse.Namespace) -> int:
+    from apps.fetal_brain.lib.datastore import FetalDatastore
+    from apps.fetal_brain.lib.exchange import export_cases
+
+    studies = Path(args.studies).expanduser()
+    if not studies.is_dir():
+        raise FileNotFoundError(f"studies folder {studies} does not exist")
+    datastore = FetalDatastore(studies, auto_reload=False)
+    _print_json(export_cases(datastore, args.out, site=args.site, overwrite=args.overwrite))
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    _print_json(_store(args).describe())
+    return 0
+
+
+def _add_conf(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--conf",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "VALUE"),
+        help="app setting, as MONAI Label's --conf (e.g. --conf pixdim 4 --conf patch_size 32); see the README",
+    )
+    parser.add_argument("--model-path", help="served checkpoint (default: the bundle's models/model.pt)")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``fetal-fl app <serve|install-model|export-cases|model-info>``."""
+    app = subparsers.add_parser(
+        "app",
+        help="MONAI Label app: serve, install a federated model, export corrected cases",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = app.add_subparsers(dest="app_command", metavar="<app command>")
+    app.set_defaults(handler=lambda _args: app.print_help() or 2)
+
+    serve = sub.add_parser(
+        "serve",
+        help="start the MONAI Label server for a studies folder",
+        description="Start MONAI Label with this app behind its hardened front (inputs checked, /info/ stays "
+        "responsive during inference, local clients only unless --conf allow_remote true).",
+    )
+    serve.add_argument("--studies", required=True, help="folder of images (NIfTI, NRRD, DICOM series folders)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--dryrun", action="store_true", help="print the equivalent MONAI Label command and exit")
+    _add_conf(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    install = sub.add_parser(
+        "install-model",
+        help="install a federated global model as the served model",
+        description="Check that a checkpoint (file, or the folder of a finished NVFlare job holding "
+        "FL_global_model.pt) loads into the bundle's network and gives finite output, then make it the served "
+        "model atomically, recording its origin. A running server picks it up on its next inference.",
+    )
+    install.add_argument("source", help="checkpoint file or finished NVFlare job folder")
+    install.add_argument("--origin", help="where it came from (default: from the checkpoint, else 'federated')")
+    install.add_argument("--job-id", help="NVFlare job id (default: from the checkpoint)")
+    install.add_argument("--round", type=int, help="federated round (default: from the checkpoint)")
+    install.add_argument(
+        "--trust-pickle", action="store_true", help="allow pickled Python objects (only for files you trust)"
+    )
+    install.add_argument(
+        "--allow-grid-mismatch",
+        action="store_true",
+        help="install a model trained at another voxel size than this app's bundle settings (not recommended)",
+    )
+    _add_conf(install)
+    install.set_defaults(handler=cmd_install_model)
+
+    export = sub.add_parser(
+        "export-cases",
+        help="export corrected cases as a dataset folder for federated training",
+        description="Write every image with a final (corrected) label as images/<id>.nii.gz + labels/<id>.nii.gz, "
+        "checked and read back with fetalseg's load_dataset. The folder stays on this site.",
+    )
+    export.add_argument("--studies", required=True, help="the MONAI Label studies folder")
+    export.add_argument("--out", required=True, help="dataset folder to write")
+    export.add_argument("--site", help="site name recorded in the manifest (default: the folder name)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
+    export.set_defaults(handler=cmd_export_cases)
+
+    info = sub.add_parser(
+        "model-info", help="show the served model", description="Print what the server serves (JSON)."
+    )
+    _add_conf(info)
+    info.set_defaults(handler=cmd_model_info)

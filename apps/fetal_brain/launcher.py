@@ -1,0 +1,104 @@
+"""Start and stop a real server in a subprocess on a free 127.0.0.1 port (for tests, benchmarks and scripts).
+
+Why a subprocess: it is exactly what a site runs (``python -m monailabel.main start_server`` behind this app's
+front), so tests and benchmarks measure the real thing, and a crash cannot take the caller down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from apps.fetal_brain.cli import server_argv
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_env(workdir: Path) -> dict[str, str]:
+    """The caller's environment minus app/MONAI Label settings (so only ``conf`` configures the server)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FETAL_BRAIN_", "MONAI_LABEL_"))}
+    env.update(
+        MONAI_LABEL_TRACKING_ENABLED="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@dataclass
+class LocalServer:
+    """A running server: its URL, studies folder, log file and process."""
+
+    url: str
+    studies: Path
+    log: Path
+    process: subprocess.Popen
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Terminate the server and any child it started (e.g. a training run)."""
+        import psutil
+
+        children = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+
+def start(
+    studies: str | Path,
+    *,
+    workdir: str | Path,
+    conf: Sequence[tuple[str, str]] = (),
+    timeout_s: float = 120.0,
+) -> LocalServer:
+    """Start the app for ``studies`` and wait until ``GET /info/`` answers; raise with the log tail if it fails."""
+    studies, workdir = Path(studies), Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "monailabel.main", *server_argv(studies=studies, port=port, conf=conf)]
+    log_path = workdir / "server.log"
+    with open(log_path, "w") as out:
+        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=server_env(workdir), stdout=out, stderr=subprocess.STDOUT)
+    server = LocalServer(f"http://127.0.0.1:{port}", studies, log_path, process)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        with contextlib.suppress(requests.ConnectionError):
+            if requests.get(f"{server.url}/info/", timeout=5).status_code == 200:
+                log.info("server for %s at %s", studies, server.url)
+                return server
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server did not answer within {timeout_s} s:\n{server.log_tail()}")

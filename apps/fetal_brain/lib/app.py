@@ -1,0 +1,196 @@
+"""The MONAI Label app object: wires the bundle's model, the checked datastore, tasks and strategies together.
+
+It also closes the holes stock MONAI Label leaves in ``MONAILabelApp.infer``: an ``image`` is a datastore id
+(checked, 404 if unknown) or a file this process received as an upload, never an arbitrary path. Sessions are
+off (they write outside the studies folder) and MLflow tracking is off (it fails every training run here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.random import Random
+
+from apps.fetal_brain.lib.config import MODEL_NAME, AppConfig
+from apps.fetal_brain.lib.datastore import FetalDatastore
+from apps.fetal_brain.lib.errors import BadRequestError, NotFoundError
+from apps.fetal_brain.lib.infer import FetalBrainSegmentation, label_table
+from apps.fetal_brain.lib.model_store import ModelStore
+from apps.fetal_brain.lib.strategies import EntropyStrategy
+from apps.fetal_brain.lib.train import FineTune
+from apps.fetal_brain.lib.uploads import is_private
+from fetalseg.labels import all_labels
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+class Activity:
+    """How many inferences are running and queued (shown in ``/info/`` so clients see a busy server)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running = 0
+        self.queued = 0
+
+    def enter(self, field: str) -> None:
+        with self._lock:
+            setattr(self, field, getattr(self, field) + 1)
+
+    def leave(self, field: str) -> None:
+        with self._lock:
+            setattr(self, field, getattr(self, field) - 1)
+
+    @contextlib.contextmanager
+    def track(self, field: str) -> Iterator[None]:
+        self.enter(field)
+        try:
+            yield
+        finally:
+            self.leave(field)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"running": self.running, "queued": self.queued}
+
+
+class FetalBrainApp(MONAILabelApp):
+    """Fetal brain tissue segmentation (FeTA labels), corrections, fine-tuning and federated model exchange."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, Any]) -> None:
+        settings.MONAI_LABEL_TRACKING_ENABLED = False
+        self.app_config = AppConfig.from_conf(conf)
+        bundle = self.app_config.bundle("inference")
+        self.bundle = bundle
+        model_path = self.app_config.resolved_model_path(bundle)
+        self.store = ModelStore(model_path, bundle=bundle, device=self.app_config.device)
+        self.activity = Activity()
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Fetal brain segmentation (FeTA)",
+            description="Segments fetal brain T2w MRI into the 7 FeTA tissues; collects corrections for fine-tuning "
+            "and federated training",
+            version=bundle.version,
+            labels={lab.name: lab.value for lab in all_labels()},
+        )
+        log.info("fetal brain app: model %s, bundle %s, device %s", self.store.path, bundle.version, self.store.device)
+
+    # -- MONAI Label factory hooks --------------------------------------------------------------------------------
+    def init_datastore(self) -> FetalDatastore:
+        if self.studies.startswith(("http://", "https://")):
+            raise ValueError("this app serves a local studies folder only (no remote DICOMweb/XNAT stores)")
+        return FetalDatastore(
+            self.studies,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, FetalBrainSegmentation]:
+        return {MODEL_NAME: FetalBrainSegmentation(store=self.store, config=self.app_config)}
+
+    def init_trainers(self) -> dict[str, FineTune]:
+        return {MODEL_NAME: FineTune(store=self.store, config=self.app_config)}
+
+    def init_strategies(self) -> dict[str, Any]:
+        entropy = EntropyStrategy(task=self._infers[MODEL_NAME], max_candidates=self.app_config.entropy_candidates)
+        return {"random": Random(), "entropy": entropy}
+
+    def init_scoring_methods(self) -> dict[str, Any]:
+        return {}
+
+    def _load_sessions(self, load: bool = False) -> None:
+        return None  # sessions store uploads under ~/.cache, outside the studies folder: not offered
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        if "apps.fetal_brain.server" not in sys.modules:
+            log.warning(
+                "started without this app's front (--uvicorn_app apps.fetal_brain.server:app): bad input gets 500s "
+                "instead of clear 4xx, uploads are unbounded, and /infer blocks every other request; "
+                "use 'fetal-fl app serve' or the command in the README"
+            )
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        """Load the model and run one window so the first user's inference does not pay for kernel set-up."""
+        try:
+            task = self._infers[MODEL_NAME]
+            network = self.store.current().network
+            roi = tuple(task.default_roi)
+            with torch.no_grad():
+                network(torch.zeros((1, 1, *roi), device=self.store.device))
+        except Exception:  # a broken checkpoint is reported by /info/ and by the first inference
+            log.exception("model warm-up failed")
+
+    # -- lookups used by the HTTP front ----------------------------------------------------------------------------
+    def info_models(self) -> list[str]:
+        return sorted(self._infers)
+
+    def strategy_names(self) -> list[str]:
+        return sorted(self._strategies)
+
+    def trainer_names(self) -> list[str]:
+        return sorted(self._trainers)
+
+    def trainer(self, model: str) -> FineTune:
+        trainer = self._trainers.get(model)
+        if trainer is None:
+            raise NotFoundError(f"no train task {model!r}; available: {self.trainer_names()}")
+        return trainer
+
+    # -- info -----------------------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        meta = super().info()
+        labels = label_table()
+        meta["label_info"] = labels
+        meta["label_colors"] = {lab["name"]: lab["color"] for lab in labels}
+        meta["model"] = self.store.describe()
+        meta["bundle"] = {
+            "version": self.bundle.version,
+            "pixdim": list(self.bundle.pixdim),
+            "patch_size": list(self.bundle.patch_size),
+            "num_classes": self.bundle.num_classes,
+        }
+        meta["inference"] = self.activity.snapshot()
+        return meta
+
+    # -- infer ----------------------------------------------------------------------------------------------------
+    def resolve_image(self, image: Any) -> tuple[str, str | None]:
+        """(path, datastore id or None) for an infer request's ``image``: a known id or one of our uploads."""
+        if isinstance(image, str) and os.path.isabs(image):
+            if is_private(image) and os.path.exists(image):
+                return image, None
+            raise BadRequestError("image must be a datastore image id, not a path")
+        if not isinstance(image, str):
+            raise BadRequestError("image must be a datastore image id")
+        return str(self.datastore().image_file(image)), image
+
+    def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        model = request.get("model")
+        task = self._infers.get(model) if isinstance(model, str) else None
+        if task is None:
+            raise NotFoundError(f"no model {model!r}; available: {sorted(self._infers)}")
+        path, image_id = self.resolve_image(request.get("image"))
+        req = copy.deepcopy(request)
+        req.update(image=path, description=task.description, device=self.store.device)
+        with self.activity.track("running"):
+            result_file, result_json = task(req)
+        label_id = None
+        wants_save = str(request.get("save_label", "")).lower() in {"1", "true", "yes"}
+        if image_id is not None and wants_save and result_file and result_file.endswith(".nii.gz"):
+            label_id = self.datastore().save_label(image_id, result_file, "original", {"model": model})
+        return {"label": label_id or result_file, "tag": "original", "file": result_file, "params": result_json}

@@ -1,0 +1,72 @@
+"""App settings from --conf pairs and FETAL_BRAIN_* variables: parsed, checked, and turned into bundle overrides."""
+
+from pathlib import Path
+
+import pytest
+
+from apps.fetal_brain.lib.config import AppConfig
+
+
+def test_defaults_serve_the_bundle_checkpoint():
+    config = AppConfig.from_conf({}, env={})
+    bundle = config.bundle("common")
+    assert config.resolved_model_path(bundle) == bundle.checkpoint_path
+    assert config.allow_remote is False and config.infer_workers == 1
+    assert config.max_upload_bytes == 1024 * 2**20
+    assert config.train_publish == "if_better"
+
+
+def test_conf_values_become_bundle_overrides(tmp_path):
+    config = AppConfig.from_conf(
+        {"pixdim": "4", "patch_size": "32,32,48", "sw_overlap": "0.5", "model_path": str(tmp_path / "m.pt")}, env={}
+    )
+    bundle = config.bundle("inference")
+    assert bundle.pixdim == (4.0, 4.0, 4.0)
+    assert bundle.patch_size == (32, 32, 48)
+    assert bundle.get("sw_overlap") == 0.5
+    assert config.resolved_model_path() == (tmp_path / "m.pt").resolve()
+
+
+def test_variant_and_env_with_conf_winning():
+    env = {"FETAL_BRAIN_VARIANT": "tiny", "FETAL_BRAIN_MAX_UPLOAD_MB": "2", "FETAL_BRAIN_ALLOW_REMOTE": "yes"}
+    config = AppConfig.from_conf({"max_upload_mb": "3"}, env=env)
+    assert config.variant == "tiny" and config.bundle().patch_size == (32, 32, 32)
+    assert config.max_upload_bytes == 3 * 2**20
+    assert config.allow_remote is True
+
+
+def test_bundle_overrides_json():
+    config = AppConfig.from_conf({"bundle_overrides": '{"sw_batch_size": 2}'}, env={})
+    assert config.bundle().get("sw_batch_size") == 2
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"pixdim": "a"}, "pixdim"),
+        ({"pixdim": "1,2"}, "pixdim"),
+        ({"patch_size": "30"}, "multiples of 16"),
+        ({"patch_size": "31.5"}, "whole"),
+        ({"sw_overlap": "1.5"}, "sw_overlap"),
+        ({"max_upload_mb": "-1"}, "max_upload_mb"),
+        ({"infer_workers": "0"}, "infer_workers"),
+        ({"allow_remote": "maybe"}, "allow_remote"),
+        ({"train_publish": "sometimes"}, "train_publish"),
+        ({"variant": "huge"}, "variant"),
+        ({"device": "tpu"}, "device"),
+        ({"bundle_overrides": "[1]"}, "JSON object"),
+    ],
+)
+def test_bad_settings_fail_with_the_key_named(conf, message):
+    with pytest.raises(ValueError, match=message):
+        AppConfig.from_conf(conf, env={})
+
+
+def test_unknown_keys_are_logged_not_fatal(caplog):
+    AppConfig.from_conf({"pixdimm": "4"}, env={})
+    assert "pixdimm" in caplog.text
+
+
+def test_model_path_expands_user(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert AppConfig.from_conf({"model_path": "~/m.pt"}, env={}).model_path == Path(tmp_path / "m.pt").resolve()
