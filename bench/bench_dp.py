@@ -1,0 +1,266 @@
+"""DP-SGD cost on the bundle's 3D U-Net: step time and peak memory of each per-sample gradient method vs a plain step.
+
+Each configuration runs in its own process (peak RSS is per process), on the same random batch, through the same
+code the federated client uses (``privacy.dpsgd.SitePrivacyEngine`` + ``fetalseg.training.train_step``); the
+sample rate is 1 (dataset = one batch) so every step sees the same batch size. Rounds interleave the modes so
+load from other processes on a shared machine hits all of them alike; the table gives medians and the ratio to
+the plain step measured in the same run. Opacus's "ew" (expanded weights) mode is tried too: it cannot handle
+``conv_transpose3d``.
+
+Goals (issue 4): DP step ≤ 1.5× the plain step's time and ≤ 2× its memory. The fastest correct mode becomes
+``privacy.dpsgd.DEFAULT_GRAD_SAMPLE_MODE``. Writes bench/results/dp.md (+ .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MODES = ("plain", "vmap", "functorch", "hooks", "ghost", "ew")
+
+
+def _rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _RssSampler:
+    """Highest resident set seen while running (sampled every 5 ms): the memory a training step needs."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = _rss_now_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_now_mb())
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_now_mb())
+
+
+def worker(mode: str, size: int, batch: int, steps: int, warmup: int, threads: int) -> dict:
+    """One configuration in this process: returns per-step seconds and the peak RSS growth during the steps."""
+    import torch
+
+    from fetalseg.bundle import Bundle
+    from fetalseg.training import train_step
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    bundle = Bundle("train", overrides={"patch_size": [size] * 3})
+    net = bundle.network()
+    optimizer = bundle.optimizer(net.parameters())
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 1, size, size, size, generator=g)
+    labels = torch.randint(0, bundle.num_classes, (batch, 1, size, size, size), generator=g)
+    data = [{"image": images[i], "label": labels[i]} for i in range(batch)]
+    loss_fn = bundle.loss()
+    note = ""
+    if mode == "plain":
+        model = net
+
+        def batches():
+            while True:
+                yield {"image": images, "label": labels}
+    elif mode == "ew":
+        from opacus.grad_sample import prepare_module
+
+        model = prepare_module(net, grad_sample_mode="ew", batch_first=True, loss_reduction="mean")
+        try:
+            loss_fn(model(images), labels).backward()
+        except Exception as exc:  # the point of trying it
+            return {"mode": mode, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"}
+        return {"mode": mode, "error": "ran (unexpected); not timed"}
+    else:
+        from torch.utils.data import DataLoader
+
+        from privacy.dpsgd import DPSGDConfig, SitePrivacyEngine
+
+        engine = SitePrivacyEngine(
+            config=DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=0.1 / batch, grad_sample_mode=mode),
+            dataset_size=batch,
+            batch_size=batch,
+        )
+        model, optimizer, loader = engine.make_private(
+            model=net, optimizer=optimizer, data_loader=DataLoader(data, batch_size=batch)
+        )
+        loss_fn = engine.wrap_loss(loss_fn)
+
+        def batches():
+            while True:
+                yield from loader
+
+    it = batches()
+    baseline = _rss_now_mb()  # model, optimizer, data and libraries loaded; no step taken yet
+    times, cpu_times = [], []
+    with _RssSampler() as rss:
+        for _ in range(warmup):
+            train_step(model, next(it), optimizer, loss_fn)
+        for _ in range(steps):
+            b = next(it)
+            t, c = time.perf_counter(), time.process_time()
+            train_step(model, b, optimizer, loss_fn)
+            times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
+    return {
+        "mode": mode,
+        "seconds": times,
+        "cpu_seconds": cpu_times,
+        "baseline_rss_mb": baseline,
+        "step_memory_mb": rss.peak - baseline,
+        "peak_rss_mb": _rss_peak_mb(),
+        "note": note,
+    }
+
+
+def run_worker(mode: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, "--size", str(args.size), "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    if proc.returncode != 0:
+        return {"mode": mode, "error": proc.stderr.strip().splitlines()[-1][:120] if proc.stderr else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=64, help="patch size (voxels per axis)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per process")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (functorch traces, allocator)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every mode")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (1: CPU time is not inflated "
+        "by OpenMP threads spinning while other processes hold the cores)",
+    )
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    ap.add_argument("--out", type=Path, default=RESULTS / "dp.md")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.size, args.batch, args.steps, args.warmup, args.threads)))
+        return
+
+    modes = [m for m in args.modes.split(",") if m]
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(args.rounds):
+        for mode in modes:
+            if mode == "ew" and r > 0:
+                continue
+            res = run_worker(mode, args)
+            runs[mode].append(res)
+            print(f"round {r + 1} {mode}: {res.get('error') or _fmt_times(res)}", file=sys.stderr, flush=True)
+    load_after = os.getloadavg()
+
+    rows = {}
+    for mode, results in runs.items():
+        ok = [r for r in results if "seconds" in r]
+        if not ok:
+            rows[mode] = {"error": results[0].get("error", "failed") if results else "not run"}
+            continue
+        rows[mode] = {
+            "step_s": statistics.median(s for r in ok for s in r["seconds"]),
+            "cpu_s": statistics.median(s for r in ok for s in r["cpu_seconds"]),
+            "step_memory_mb": statistics.median(r["step_memory_mb"] for r in ok),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok),
+            "runs": len(ok),
+        }
+    plain = rows.get("plain", {})
+    lines = [
+        f"# DP-SGD cost on the 3D U-Net ({args.size}³ patches, batch {args.batch}, CPU)",
+        "",
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch threads {args.threads}; load average before/after "
+        f"{load_before[0]:.1f}/{load_after[0]:.1f} (a shared machine: ratios from one interleaved run).",
+        f"Median of {args.rounds} processes × {args.steps} timed steps (after {args.warmup} warm-up steps). "
+        "Time: wall-clock and CPU seconds (all threads) per step; CPU time is the steadier measure when other "
+        "processes compete for the cores. Step memory: highest resident set during the steps minus the resident "
+        "set before the first step (model, data and libraries already loaded); peak RSS: the whole process.",
+        "",
+        "| mode | wall (s) | ÷ plain | CPU (s) | ÷ plain | step memory (MB) | ÷ plain | peak RSS (MB) "
+        "| goal ≤ 1.5× time, ≤ 2× memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for mode, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {mode} | – | – | – | – | – | – | – | unsupported: {row['error']} |")
+            continue
+        t_ratio = row["step_s"] / plain["step_s"] if "step_s" in plain else float("nan")
+        c_ratio = row["cpu_s"] / plain["cpu_s"] if "cpu_s" in plain else float("nan")
+        m_ratio = row["step_memory_mb"] / plain["step_memory_mb"] if plain.get("step_memory_mb") else float("nan")
+        if mode == "plain":
+            goal = "–"
+        else:
+            goal = ("time met" if c_ratio <= 1.5 else "time not met") + (
+                ", memory met" if m_ratio <= 2 else ", memory not met"
+            )
+        lines.append(
+            f"| {mode} | {row['step_s']:.2f} | {t_ratio:.2f}× | {row['cpu_s']:.2f} | {c_ratio:.2f}× "
+            f"| {row['step_memory_mb']:.0f} | {m_ratio:.2f}× | {row['peak_rss_mb']:.0f} | {goal} |"
+        )
+    timed = {m: r for m, r in rows.items() if m not in ("plain", "ew") and "cpu_s" in r}
+    if timed:
+        best = min(timed, key=lambda m: timed[m]["cpu_s"])
+        lines += [
+            "",
+            f"Fastest DP mode here (CPU time): **{best}**; the default is "
+            f"`privacy.dpsgd.DEFAULT_GRAD_SAMPLE_MODE = {DEFAULT_GRAD_SAMPLE_MODE!r}`. Every mode computes the "
+            "per-sample gradients of `DiceCELoss(batch=False)` (ghost clipping through `privacy.dpsgd.PerSampleLoss`); "
+            "tests/privacy/test_dpsgd.py checks them against one-sample-at-a-time gradients and checks that one DP "
+            "step is the same update in every mode.",
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "runs": runs, "rows": rows}, indent=1, default=str)
+    )
+
+
+def _fmt_times(res: dict) -> str:
+    return (
+        f"{statistics.median(res['seconds']):.2f} s/step wall, {statistics.median(res['cpu_seconds']):.2f} s CPU, "
+        f"step memory {res['step_memory_mb']:.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Write the best global model in the bundle's checkpoint format, so the MONAI Label app can install it.
+
+NVFlare's own persistor keeps ``best_FL_global_model.pt`` in its own format (``net.``-prefixed keys, training
+config). This server widget listens for the same "new best global model" event NVFlare's model selector fires
+(selection on ``val_mean_dice``: the sites' Dice of the received global model on their held-out cases) and
+writes ``fetal_brain_best.pt`` next to it with :func:`fetalseg.bundle.save_checkpoint`: the bundle's key names
+plus ``origin="nvflare"``, the job id, the round and the validation Dice, and a ``.json`` sidecar with the same
+facts. ``nvflare job download`` brings both back with the server's workspace.
+
+The model produced by the LAST round is never scored during training (sites score what they receive), so when
+cross-site evaluation ran, the writer compares the final and the best global model on every site's held-out
+cases (case-weighted mean ``val_mean_dice``) and keeps the final one if it is better.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from nvflare.apis.dxo import DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName
+from nvflare.app_common.app_event_type import AppEventType
+
+from nvflare_jobs.fetal_brain.model import save_bundle_checkpoint
+
+BEST_CHECKPOINT_NAME = "fetal_brain_best.pt"
+CSE_PREFIX = "SRV_"  # how CrossSiteModelEval names the server's models
+
+
+def cross_site_score(results: Mapping[str, Mapping[str, Any]], *, key: str = "val_mean_dice") -> float:
+    """Case-weighted mean of ``key`` over sites (``{site: metrics}``); NaN when no site reported a number."""
+    total, weight = 0.0, 0.0
+    for metrics in results.values():
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        n = metrics.get("val_cases", 1.0)
+        n = float(n) if isinstance(n, (int, float)) and n > 0 else 1.0
+        total += value * n
+        weight += n
+    return total / weight if weight else float("nan")
+
+
+class BundleCheckpointWriter(FLComponent):
+    """Server component: keeps ``fetal_brain_best.pt`` (bundle format) equal to the best global model so far.
+
+    Args:
+        bundle_overrides: the job's bundle overrides (the network must be built exactly as the clients build it).
+        file_name: checkpoint file name inside the server's app folder.
+        key_metric: the metric the model selector ranks on (recorded with the score).
+    """
+
+    def __init__(
+        self,
+        bundle_overrides: Mapping[str, Any] | None = None,
+        file_name: str = BEST_CHECKPOINT_NAME,
+        key_metric: str = "val_mean_dice",
+    ) -> None:
+        super().__init__()
+        if not file_name or os.path.basename(file_name) != file_name or not file_name.endswith(".pt"):
+            raise ValueError(f"file_name must be a plain '*.pt' file name, got {file_name!r}")
+        self.bundle_overrides = dict(bundle_overrides or {})
+        self.file_name = file_name
+        self.key_metric = key_metric
+        self._cse: dict[str, dict[str, dict[str, Any]]] = {}
+        self._last_round = -1
+        self._written: dict[str, Any] | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self._cse, self._last_round, self._written = {}, -1, None
+            path = self._path(fl_ctx)
+            for stale in (path, path.with_suffix(".json")):
+                if stale.exists():
+                    stale.unlink()
+        elif event_type == AppEventType.AFTER_AGGREGATION:
+            self._last_round = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND) or 0)
+        elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
+            self._on_new_best(fl_ctx)
+        elif event_type == AppEventType.VALIDATION_RESULT_RECEIVED:
+            self._record_cross_site(fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self._prefer_final_model(fl_ctx)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _path(self, fl_ctx: FLContext) -> Path:
+        return Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())) / self.file_name
+
+    def _save(self, fl_ctx: FLContext, weights: Mapping[str, Any], info: dict[str, Any]) -> None:
+        info = {"origin": "nvflare", "job_id": fl_ctx.get_job_id(), **info, "key_metric": self.key_metric}
+        try:
+            path = save_bundle_checkpoint(weights, self._path(fl_ctx), bundle_overrides=self.bundle_overrides, **info)
+        except Exception as e:  # a failed write must be loud but must not kill the training run
+            self.log_exception(fl_ctx, f"could not write the bundle checkpoint: {e}")
+            return
+        sidecar = {**info, "bundle_overrides": self.bundle_overrides, "checkpoint": path.name}
+        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
+        self._written = info
+        self.log_info(
+            fl_ctx,
+            f"bundle checkpoint {path}: global model after {info['round']} round(s), "
+            f"{self.key_metric}={info[self.key_metric]:.4f} ({info['selected_by']})",
+        )
+
+    def _on_new_best(self, fl_ctx: FLContext) -> None:
+        learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        if not learnable:
+            self.log_error(fl_ctx, "a new best model was announced but no global model is available; not written")
+            return
+        selection = fl_ctx.get_prop(AppConstants.METRICS_SELECTION_INFO) or {}
+        best = selection.get("best_metrics", {}) if isinstance(selection, Mapping) else {}
+        score = best.get(self.key_metric, fl_ctx.get_prop(AppConstants.VALIDATION_RESULT))
+        info = {
+            # the global model after `round` aggregations, scored by the sites when they received it
+            "round": int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND) or 0),
+            self.key_metric: float(score) if isinstance(score, (int, float)) else float("nan"),
+            "selected_by": "validation during training",
+        }
+        self._save(fl_ctx, learnable[ModelLearnableKey.WEIGHTS], info)
+
+    def _record_cross_site(self, fl_ctx: FLContext) -> None:
+        owner = fl_ctx.get_prop(AppConstants.MODEL_OWNER)
+        site = fl_ctx.get_prop(AppConstants.DATA_CLIENT)
+        result = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
+        if not owner or not site or result is None:
+            return
+        try:
+            dxo = from_shareable(result)
+        except Exception:
+            return
+        if dxo.data_kind == DataKind.METRICS and isinstance(dxo.data, Mapping):
+            self._cse.setdefault(str(owner), {})[str(site)] = dict(dxo.data)
+
+    def _prefer_final_model(self, fl_ctx: FLContext) -> None:
+        final = self._cse.get(CSE_PREFIX + DefaultCheckpointFileName.GLOBAL_MODEL)
+        if not final:
+            return
+        best = self._cse.get(CSE_PREFIX + DefaultCheckpointFileName.BEST_GLOBAL_MODEL, {})
+        final_score = cross_site_score(final, key=self.key_metric)
+        best_score = cross_site_score({s: best[s] for s in final if s in best}, key=self.key_metric)
+        self.log_info(
+            fl_ctx, f"cross-site {self.key_metric}: final global model {final_score:.4f}, best so far {best_score:.4f}"
+        )
+        if self._written is not None and not final_score > best_score:
+            return
+        source = self._path(fl_ctx).with_name(DefaultCheckpointFileName.GLOBAL_MODEL)
+        if not source.is_file():
+            self.log_error(fl_ctx, f"final global model {source} not found; bundle checkpoint not updated")
+            return
+        weights = torch.load(source, map_location="cpu", weights_only=False)["model"]
+        info = {
+            "round": self._last_round + 1,
+            self.key_metric: final_score,
+            "selected_by": "cross-site evaluation (final model beat the best during training)",
+            "cross_site": {site: m.get(self.key_metric) for site, m in final.items()},
+        }
+        self._save(fl_ctx, weights, info)

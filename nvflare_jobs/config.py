@@ -1,0 +1,419 @@
+"""The one config file of a federated job: every knob an ML engineer changes, validated before anything runs.
+
+A job is described by one JSON or YAML file (see ``nvflare_jobs/fetal_brain/config.json``). Changing the
+algorithm, a filter, ε or the number of rounds is a one-line edit there plus a rerun; nothing else is touched.
+The same file travels inside the exported job folder, so the clients read exactly what the server was built
+from, and an auditor can read what a site agreed to.
+
+Validation is strict on purpose: an unknown key (a typo such as ``"percentil"``) or a value NVFlare would
+accept and then silently ignore (a percentile filter with ``gamma <= 0`` passes updates through unfiltered)
+is an error here, never a quietly weaker privacy setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ALGORITHMS = ("fedavg", "fedprox", "fedopt")
+# Project filters (privacy.nvflare_filters) by short name; their own constructors check their arguments.
+PROJECT_FILTERS = {
+    "fail_closed_percentile": "privacy.nvflare_filters.FailClosedPercentilePrivacy",
+    "sparse_percentile": "privacy.nvflare_filters.SparsePercentileFilter",
+    "client_dp": "privacy.nvflare_filters.ClientDPFilter",
+}
+SPARSE_DECODER = "privacy.nvflare_filters.SparseUpdateDecoder"  # server side of "sparse_percentile"
+FILTER_TYPES = ("percentile", "svt", *PROJECT_FILTERS, "class")
+TRACKERS = ("tensorboard", None)
+CONFIG_FILE_NAME = "fetal_fl_job.json"  # name of the config inside an exported job's custom/ folder
+
+ENV_SITE_DATA = "FETALFL_SITE_DATA"  # a site's own data folder (wins over everything)
+ENV_DATA_ROOT = "FETALFL_DATA_ROOT"  # parent folder holding <site name>/ (wins over the job config's data.root)
+ENV_SITE_STATE = "FETALFL_SITE_STATE"  # where a site keeps per-job state that must survive a client restart
+ENV_PRIVACY_LEDGER = "FETALFL_PRIVACY_LEDGER"  # a site's privacy ledger (privacy.ledger.SiteLedger), across jobs
+
+
+class ConfigError(ValueError):
+    """A job config that cannot be run as written; the message names the offending key."""
+
+
+def _check_keys(section: str, given: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _number(section: str, value: Any, *, low: float | None = None, high: float | None = None, strict_low=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{section} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if strict_low else value < low):
+        raise ConfigError(f"{section} must be {'>' if strict_low else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{section} must be <= {high}, got {value!r}")
+    return value
+
+
+def _int(section: str, value: Any, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{section} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """One task-result filter run on a client before its update leaves the site.
+
+    ``type`` is ``"percentile"`` (NVFlare ``PercentilePrivacy``), ``"svt"`` (NVFlare ``SVTPrivacy``), one of the
+    project's filters (``"fail_closed_percentile"``, ``"sparse_percentile"``, ``"client_dp"``, from
+    ``privacy.nvflare_filters``) or ``"class"`` (any NVFlare ``Filter`` by class path, with ``args``).
+    ``sites`` limits it to some sites (default all), ``tasks`` to some tasks (default the training task).
+    """
+
+    type: str
+    args: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    sites: tuple[str, ...] | None = None
+    tasks: tuple[str, ...] = ("train",)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str) -> FilterSpec:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where} must be an object, got {d!r}")
+        kind = d.get("type")
+        if kind not in FILTER_TYPES:
+            raise ConfigError(f"{where}.type must be one of {list(FILTER_TYPES)}, got {kind!r}")
+        meta = {"type", "sites", "tasks"}
+        sites = d.get("sites")
+        if sites is not None and (not isinstance(sites, list) or not all(isinstance(s, str) for s in sites)):
+            raise ConfigError(f"{where}.sites must be a list of site names, got {sites!r}")
+        tasks = d.get("tasks", ["train"])
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+            raise ConfigError(f"{where}.tasks must be a non-empty list of task names, got {tasks!r}")
+        if kind == "class":
+            _check_keys(where, d, [*meta, "path", "args"])
+            path = d.get("path")
+            if not isinstance(path, str) or "." not in path:
+                raise ConfigError(f"{where}.path must be a class path such as 'package.module.Class', got {path!r}")
+            args = d.get("args", {})
+            if not isinstance(args, Mapping):
+                raise ConfigError(f"{where}.args must be an object, got {args!r}")
+            return cls("class", dict(args), path, tuple(sites) if sites else None, tuple(tasks))
+        args = {k: v for k, v in d.items() if k not in meta}
+        if kind in PROJECT_FILTERS:  # arguments are checked by the filter's constructor when the job is built
+            return cls(kind, args, PROJECT_FILTERS[kind], tuple(sites) if sites else None, tuple(tasks))
+        if kind == "percentile":
+            _check_keys(where, args, ["percentile", "gamma"])
+            args.setdefault("percentile", 10)
+            args.setdefault("gamma", 0.01)
+            # NVFlare returns the update UNFILTERED for these values: refuse them instead.
+            _number(f"{where}.percentile", args["percentile"], low=0, high=100, strict_low=True)
+            if args["percentile"] >= 100:
+                raise ConfigError(f"{where}.percentile must be < 100 (100 would share nothing), got 100")
+            _number(f"{where}.gamma", args["gamma"], low=0, strict_low=True)
+        else:  # svt
+            allowed = ["fraction", "epsilon", "noise_var", "gamma", "tau", "replace", "epsilon_threshold",
+                       "epsilon_query", "epsilon_release"]  # fmt: skip
+            _check_keys(where, args, allowed)
+            if args.get("epsilon_release") is None:
+                # Without it NVFlare derives the release budget from noise_var times the number of uploaded
+                # values, which at model scale means almost no noise: make the engineer choose.
+                raise ConfigError(f"{where}.epsilon_release must be set explicitly for an SVT filter")
+            for key in ("fraction", "epsilon", "noise_var", "gamma", "tau", "epsilon_threshold", "epsilon_query",
+                        "epsilon_release"):  # fmt: skip
+                if args.get(key) is not None:
+                    _number(f"{where}.{key}", args[key], low=0, strict_low=key not in ("tau", "gamma"))
+            if "fraction" in args and args["fraction"] > 1:
+                raise ConfigError(f"{where}.fraction must be <= 1, got {args['fraction']}")
+        return cls(kind, args, None, tuple(sites) if sites else None, tuple(tasks))
+
+    @property
+    def needs_sparse_decoder(self) -> bool:
+        """True for the project's sparse percentile sharing, whose updates the server must decode first."""
+        return self.path == PROJECT_FILTERS["sparse_percentile"]
+
+    def applies_to(self, site: str) -> bool:
+        return self.sites is None or site in self.sites
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type}
+        if self.type == "class":
+            d.update(path=self.path, args=dict(self.args))
+        else:
+            d.update(self.args)
+        if self.sites is not None:
+            d["sites"] = list(self.sites)
+        d["tasks"] = list(self.tasks)
+        return d
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A validated job config; build it with :func:`load_config` or :meth:`JobConfig.from_dict`."""
+
+    raw: dict[str, Any]
+    name: str
+    algorithm: str
+    fedprox_mu: float
+    fedopt_optimizer: dict[str, Any]
+    fedopt_lr_scheduler: dict[str, Any]
+    num_rounds: int
+    min_clients: int
+    sites: tuple[str, ...]
+    scope: str | None
+    bundle_overrides: dict[str, Any]
+    data_root: str | None
+    val_fraction: float
+    split_seed: int
+    local_epochs: int
+    max_steps_per_epoch: int | None
+    batch_size: int | None
+    seed: int
+    filters: tuple[FilterSpec, ...]
+    dp_sgd: dict[str, Any] | None
+    site_dp_sgd: dict[str, dict[str, Any] | None]
+    max_update_norm: float
+    straggler_wait_s: int
+    task_timeout_s: int
+    tracking: str | None
+    cross_site_eval: bool
+    external_process: bool
+    torch_threads: int | None
+    init_seed: int | None
+
+    # ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JobConfig:
+        d = copy.deepcopy(dict(d))
+        top = ["name", "algorithm", "num_rounds", "min_clients", "sites", "scope", "bundle_overrides", "data",
+               "training", "privacy", "server", "tracking", "cross_site_eval", "runtime", "description"]  # fmt: skip
+        _check_keys("config", d, top)
+
+        name = d.get("name", "fetal_brain")
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"name must be letters, digits, '-' or '_', got {name!r}")
+
+        algo = d.get("algorithm", "fedavg")
+        algo = {"name": algo} if isinstance(algo, str) else algo
+        if not isinstance(algo, Mapping):
+            raise ConfigError(f"algorithm must be a name or an object, got {algo!r}")
+        _check_keys("algorithm", algo, ["name", "mu", "optimizer", "lr_scheduler"])
+        algorithm = algo.get("name")
+        if algorithm not in ALGORITHMS:
+            raise ConfigError(f"algorithm.name must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+        if algorithm != "fedprox" and "mu" in algo:
+            raise ConfigError("algorithm.mu only applies to fedprox")
+        if algorithm != "fedopt" and ({"optimizer", "lr_scheduler"} & set(algo)):
+            raise ConfigError("algorithm.optimizer / lr_scheduler only apply to fedopt")
+        mu = float(_number("algorithm.mu", algo.get("mu", 0.01), low=0, strict_low=True))
+        optimizer = dict(algo.get("optimizer") or {"path": "torch.optim.SGD", "args": {"lr": 1.0, "momentum": 0.6}})
+        scheduler = dict(
+            algo.get("lr_scheduler") or {"path": "torch.optim.lr_scheduler.ConstantLR", "args": {"factor": 1.0}}
+        )
+        for key, spec in (("optimizer", optimizer), ("lr_scheduler", scheduler)):
+            _check_keys(f"algorithm.{key}", spec, ["path", "args"])
+            if not isinstance(spec.get("path"), str):
+                raise ConfigError(f"algorithm.{key}.path must be a class path, got {spec.get('path')!r}")
+
+        num_rounds = _int("num_rounds", d.get("num_rounds", 5), low=1)
+        sites = d.get("sites", ["site-1", "site-2", "site-3"])
+        if not isinstance(sites, list) or not sites or not all(isinstance(s, str) and s for s in sites):
+            raise ConfigError(f"sites must be a non-empty list of site names, got {sites!r}")
+        if len(set(sites)) != len(sites):
+            raise ConfigError(f"sites has duplicates: {sites}")
+        min_clients = _int("min_clients", d.get("min_clients", len(sites)), low=1)
+        if min_clients > len(sites):
+            raise ConfigError(f"min_clients={min_clients} exceeds the {len(sites)} configured sites")
+        scope = d.get("scope")
+        if scope is not None and (not isinstance(scope, str) or not scope):
+            raise ConfigError(f"scope must be a privacy scope name or null, got {scope!r}")
+
+        overrides = d.get("bundle_overrides", {})
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"bundle_overrides must be an object of bundle config ids, got {overrides!r}")
+
+        data = d.get("data", {})
+        _check_keys("data", data, ["root", "val_fraction", "split_seed"])
+        root = data.get("root")
+        if root is not None and not isinstance(root, str):
+            raise ConfigError(f"data.root must be a path or null, got {root!r}")
+        val_fraction = float(_number("data.val_fraction", data.get("val_fraction", 0.25), low=0, high=0.9))
+        split_seed = _int("data.split_seed", data.get("split_seed", 0), low=0)
+
+        training = d.get("training", {})
+        _check_keys("training", training, ["local_epochs", "max_steps_per_epoch", "batch_size", "seed"])
+        local_epochs = _int("training.local_epochs", training.get("local_epochs", 1), low=1)
+        max_steps = training.get("max_steps_per_epoch")
+        if max_steps is not None:
+            _int("training.max_steps_per_epoch", max_steps, low=1)
+        batch_size = training.get("batch_size")
+        if batch_size is not None:
+            _int("training.batch_size", batch_size, low=1)
+        seed = _int("training.seed", training.get("seed", 0), low=0)
+
+        privacy = d.get("privacy", {})
+        _check_keys("privacy", privacy, ["filters", "dp_sgd", "sites"])
+        raw_filters = privacy.get("filters", [])
+        if not isinstance(raw_filters, list):
+            raise ConfigError(f"privacy.filters must be a list, got {raw_filters!r}")
+        filters = [FilterSpec.from_dict(f, where=f"privacy.filters[{i}]") for i, f in enumerate(raw_filters)]
+        dp_sgd = privacy.get("dp_sgd")
+        if dp_sgd is not None and not isinstance(dp_sgd, Mapping):
+            raise ConfigError(f"privacy.dp_sgd must be an object of DP-SGD settings or null, got {dp_sgd!r}")
+        site_dp: dict[str, dict[str, Any] | None] = {}
+        per_site = privacy.get("sites", {})
+        if not isinstance(per_site, Mapping):
+            raise ConfigError(f"privacy.sites must map site names to settings, got {per_site!r}")
+        for site, sd in per_site.items():
+            where = f"privacy.sites.{site}"
+            if site not in sites:
+                raise ConfigError(f"{where}: {site!r} is not one of the job's sites {sites}")
+            _check_keys(where, sd, ["filters", "dp_sgd"])
+            for i, f in enumerate(sd.get("filters", [])):
+                spec = FilterSpec.from_dict(f, where=f"{where}.filters[{i}]")
+                if spec.sites is not None:
+                    raise ConfigError(f"{where}.filters[{i}]: 'sites' is implied by the section")
+                filters.append(FilterSpec(spec.type, spec.args, spec.path, (site,), spec.tasks))
+            if "dp_sgd" in sd:
+                if sd["dp_sgd"] is not None and not isinstance(sd["dp_sgd"], Mapping):
+                    raise ConfigError(f"{where}.dp_sgd must be an object or null")
+                site_dp[site] = dict(sd["dp_sgd"]) if sd["dp_sgd"] is not None else None
+        for f in filters:
+            for s in f.sites or ():
+                if s not in sites:
+                    raise ConfigError(f"a filter names site {s!r}, which is not one of the job's sites {sites}")
+
+        server = d.get("server", {})
+        _check_keys("server", server, ["max_update_norm", "straggler_wait_s", "task_timeout_s"])
+        max_norm = float(
+            _number("server.max_update_norm", server.get("max_update_norm", 1.0e3), low=0, strict_low=True)
+        )
+        straggler = _int("server.straggler_wait_s", server.get("straggler_wait_s", 60), low=0)
+        task_timeout = _int("server.task_timeout_s", server.get("task_timeout_s", 0), low=0)
+
+        tracking = d.get("tracking", "tensorboard")
+        if tracking not in TRACKERS:
+            raise ConfigError(f"tracking must be one of {list(TRACKERS)}, got {tracking!r}")
+        cse = d.get("cross_site_eval", True)
+        if not isinstance(cse, bool):
+            raise ConfigError(f"cross_site_eval must be true or false, got {cse!r}")
+
+        runtime = d.get("runtime", {})
+        _check_keys("runtime", runtime, ["external_process", "torch_threads", "init_seed"])
+        external = runtime.get("external_process", True)
+        if not isinstance(external, bool):
+            raise ConfigError(f"runtime.external_process must be true or false, got {external!r}")
+        threads = runtime.get("torch_threads")
+        if threads is not None:
+            _int("runtime.torch_threads", threads, low=1)
+        init_seed = runtime.get("init_seed", 0)
+        if init_seed is not None:
+            _int("runtime.init_seed", init_seed, low=0)
+
+        if algorithm == "fedprox" and (dp_sgd is not None or any(v is not None for v in site_dp.values())):
+            # Opacus computes per-sample gradients of the data loss only; the proximal term's gradient would be
+            # dropped from the private update, so the combination is refused rather than silently changed.
+            raise ConfigError("fedprox cannot be combined with privacy.dp_sgd (the proximal term is not per-sample)")
+
+        return cls(
+            raw=d,
+            name=name,
+            algorithm=algorithm,
+            fedprox_mu=mu,
+            fedopt_optimizer=optimizer,
+            fedopt_lr_scheduler=scheduler,
+            num_rounds=num_rounds,
+            min_clients=min_clients,
+            sites=tuple(sites),
+            scope=scope,
+            bundle_overrides=dict(overrides),
+            data_root=root,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            local_epochs=local_epochs,
+            max_steps_per_epoch=max_steps,
+            batch_size=batch_size,
+            seed=seed,
+            filters=tuple(filters),
+            dp_sgd=dict(dp_sgd) if dp_sgd is not None else None,
+            site_dp_sgd=site_dp,
+            max_update_norm=max_norm,
+            straggler_wait_s=straggler,
+            task_timeout_s=task_timeout,
+            tracking=tracking,
+            cross_site_eval=cse,
+            external_process=external,
+            torch_threads=threads,
+            init_seed=init_seed,
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    def dp_sgd_for(self, site: str) -> dict[str, Any] | None:
+        """DP-SGD settings that apply at ``site`` (its own section replaces the job-wide one), or None."""
+        if site in self.site_dp_sgd:
+            return self.site_dp_sgd[site]
+        return self.dp_sgd
+
+    def filters_for(self, site: str) -> list[FilterSpec]:
+        return [f for f in self.filters if f.applies_to(site)]
+
+    def with_changes(self, **changes: Any) -> JobConfig:
+        """A copy with top-level keys replaced (dicts are merged one level deep), validated again."""
+        d = copy.deepcopy(self.raw)
+        for key, value in changes.items():
+            if isinstance(value, Mapping) and isinstance(d.get(key), Mapping):
+                d[key] = {**d[key], **value}
+            else:
+                d[key] = value
+        return JobConfig.from_dict(d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.raw, indent=2, sort_keys=False)
+
+
+def load_config(source: str | Path | Mapping[str, Any]) -> JobConfig:
+    """Read a job config from a JSON/YAML file (or take a dict) and validate it."""
+    if isinstance(source, Mapping):
+        return JobConfig.from_dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"job config {path} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be an object")
+    try:
+        return JobConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def resolve_site_data(config: JobConfig, site: str, *, environ: Mapping[str, str] | None = None) -> Path:
+    """Where ``site`` finds its cases: ``$FETALFL_SITE_DATA``, else ``<$FETALFL_DATA_ROOT or data.root>/<site>``.
+
+    A hospital sets ``FETALFL_SITE_DATA`` once in its client's environment and never edits job configs; the job
+    config's ``data.root`` is for simulations where all sites share one machine.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(ENV_SITE_DATA):
+        return Path(env[ENV_SITE_DATA]).expanduser()
+    root = env.get(ENV_DATA_ROOT) or config.data_root
+    if not root:
+        raise ConfigError(
+            f"site {site!r} has no data folder: set {ENV_SITE_DATA} (the site's folder) or {ENV_DATA_ROOT} "
+            "(a folder containing <site name>/), or data.root in the job config"
+        )
+    return Path(root).expanduser() / site

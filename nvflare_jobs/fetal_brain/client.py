@@ -1,0 +1,281 @@
+"""NVFlare Client API script: one hospital's side of a federated round.
+
+Every round the site receives the global model, scores it on its held-out cases (per-tissue Dice; the server
+selects the best global model on ``val_mean_dice``), trains it for ``local_epochs`` on its own cases with the
+project's shared training code, and sends back only the weight DIFFERENCE, with ``NUM_STEPS_CURRENT_ROUND`` for
+weighting and the validation metrics. Images never leave the site. For the final cross-site evaluation it only
+scores the model it is sent.
+
+:class:`SiteTrainer` is the plain-PyTorch part (no NVFlare); the benchmark runs it directly to measure what the
+same local training costs without federation. DP-SGD, when the job or the site asks for it, wraps the model,
+optimizer and loader once per job (``privacy.dpsgd``) so ε composes over all rounds; if DP-SGD is requested and
+cannot be set up the site stops with an error instead of training without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fetalseg.bundle import Bundle
+from fetalseg.data.loaders import Case, load_dataset, split_cases
+from fetalseg.evaluation import evaluate_cases
+from fetalseg.labels import foreground_labels
+from fetalseg.metrics import nanmean
+from fetalseg.training import build_train_dataset, build_train_loader, train_epoch
+from nvflare_jobs.config import (
+    CONFIG_FILE_NAME,
+    ENV_PRIVACY_LEDGER,
+    ENV_SITE_STATE,
+    JobConfig,
+    load_config,
+    resolve_site_data,
+)
+from nvflare_jobs.fetal_brain.model import FetalBrainNet, to_state_dict
+from nvflare_jobs.site_policy import DP_REPORT_KEY
+
+log = logging.getLogger("fetal_fl.client")
+
+
+class DPSGDUnavailableError(RuntimeError):
+    """DP-SGD was required for this site but cannot be provided; training must not go ahead without it."""
+
+
+@dataclass
+class RoundStats:
+    loss: float
+    steps: int
+    samples: int
+    seconds: float
+
+
+def metrics_from_scores(scores: Sequence[Any], *, prefix: str = "val") -> dict[str, float]:
+    """``{prefix}_mean_dice`` and ``{prefix}_dice_<tissue>`` (and HD95 when scored) averaged over cases."""
+    out: dict[str, float] = {f"{prefix}_mean_dice": nanmean(s.mean_dice for s in scores)}
+    for tissue in (t.name for t in foreground_labels()):
+        out[f"{prefix}_dice_{tissue}"] = nanmean(s.dice.get(tissue, float("nan")) for s in scores)
+        if any(s.hd95 for s in scores):
+            out[f"{prefix}_hd95_{tissue}"] = nanmean(s.hd95.get(tissue, float("nan")) for s in scores)
+    if any(s.hd95 for s in scores):
+        out[f"{prefix}_mean_hd95"] = nanmean(v for k, v in out.items() if k.startswith(f"{prefix}_hd95_"))
+    out[f"{prefix}_cases"] = float(len(scores))
+    return out
+
+
+class SiteTrainer:
+    """Local data, model, optimizer and (optionally) DP-SGD of one site, kept for the whole job."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        site: str,
+        *,
+        data_dir: Path | None = None,
+        job_id: str = "local",
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.config = config
+        self.site = site
+        self.job_id = job_id
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.data_dir = Path(data_dir) if data_dir is not None else resolve_site_data(config, site)
+        cases = load_dataset(self.data_dir, site=site)
+        self.train_cases, self.val_cases = split_cases(cases, val_fraction=config.val_fraction, seed=config.split_seed)
+        if not self.train_cases:
+            raise ValueError(f"site {site}: no training cases in {self.data_dir}")
+        log.info(
+            "site %s: %d training and %d held-out cases from %s",
+            site,
+            len(self.train_cases),
+            len(self.val_cases),
+            self.data_dir,
+        )
+        torch.manual_seed(config.seed + zlib.crc32(site.encode()) % 10_000)
+        self.bundle = Bundle("train", overrides=config.bundle_overrides)
+        self.model = FetalBrainNet(config.bundle_overrides, init_seed=None).to(self.device)
+        self.optimizer = self.bundle.optimizer(self.model.parameters())
+        self.loss_fn = self.bundle.loss()
+        dataset = build_train_dataset(self.bundle, self.train_cases)
+        self.batch_size = int(config.batch_size or self.bundle.get("batch_size"))
+        self.loader = build_train_loader(self.bundle, dataset=dataset, batch_size=self.batch_size)
+        self.train_model: torch.nn.Module = self.model  # the DP-wrapped module when DP-SGD is on
+        self.privacy_engine: Any = None
+        self.ledger: Any = None
+        self.dataset_id = f"{site}/{self.data_dir.name}"
+        dp_settings = config.dp_sgd_for(site)
+        if dp_settings is not None:
+            self._enable_dp_sgd(dp_settings, dataset_size=len(dataset))
+
+    # -- DP-SGD -----------------------------------------------------------------------------------------------
+    def _enable_dp_sgd(self, settings: Mapping[str, Any], *, dataset_size: int) -> None:
+        """Wrap model, optimizer and loader once for the job; check the site's privacy budget before training."""
+        try:
+            from privacy.dpsgd import DPSGDConfig, SitePrivacyEngine
+            from privacy.ledger import SiteLedger
+        except ImportError as e:
+            raise DPSGDUnavailableError(
+                f"site {self.site}: the job requires DP-SGD but privacy.dpsgd cannot be imported ({e}); "
+                "refusing to train without it"
+            ) from e
+        settings = dict(settings)
+        if not {"planned_steps", "planned_rounds"} & settings.keys():
+            # the job's own plan: ε is then known before training and the engine refuses any step beyond it
+            settings.update(planned_rounds=self.config.num_rounds, local_epochs=self.config.local_epochs)
+        state_dir = Path(os.environ.get(ENV_SITE_STATE) or Path.cwd() / "privacy_state")
+        state_path = state_dir / f"dpsgd_{self.site}_{self.job_id}.json"
+        try:
+            self.privacy_engine = SitePrivacyEngine(
+                config=DPSGDConfig.from_dict(settings),
+                dataset_size=dataset_size,
+                batch_size=self.batch_size,
+                state_path=state_path,
+            )
+            ledger_path = os.environ.get(ENV_PRIVACY_LEDGER)
+            if ledger_path:
+                self.ledger = SiteLedger(ledger_path)
+                self.privacy_engine.check_budget(self.ledger, dataset_id=self.dataset_id, job_id=self.job_id)
+            else:
+                log.warning("site %s: no %s set: ε is accounted within this job only", self.site, ENV_PRIVACY_LEDGER)
+            wrapped = self.privacy_engine.make_private(
+                model=self.model, optimizer=self.optimizer, data_loader=self.loader
+            )
+            self.loss_fn = self.privacy_engine.wrap_loss(self.loss_fn)
+        except Exception as e:
+            raise DPSGDUnavailableError(f"site {self.site}: DP-SGD could not be set up: {e}") from e
+        self.train_model, self.optimizer, self.loader = wrapped
+        log.info("site %s: DP-SGD on %s, state %s", self.site, self.privacy_engine.report(), state_path)
+
+    def record_privacy(self, round_index: int) -> dict[str, Any] | None:
+        """The DP-SGD report for this round, written to the site's ledger first (before anything is sent)."""
+        if self.privacy_engine is None:
+            return None
+        if self.ledger is not None:
+            self.privacy_engine.record(self.ledger, job_id=self.job_id, dataset_id=self.dataset_id, round=round_index)
+        return dict(self.privacy_engine.report())
+
+    # -- one round ----------------------------------------------------------------------------------------------
+    def load_global(self, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Load the global weights into the local model; return a CPU copy to diff against after training."""
+        state = {k: v.detach().clone().cpu() for k, v in to_state_dict(params).items()}
+        self.model.load_state_dict(state, strict=True)
+        return state
+
+    def validate(self, cases: Sequence[Case] | None = None, *, with_hd95: bool = False) -> dict[str, float]:
+        cases = self.val_cases if cases is None else cases
+        if not cases:
+            return {}
+        scores = evaluate_cases(self.model.net, cases, bundle=self.bundle, device=self.device, with_hd95=with_hd95)
+        return metrics_from_scores(scores)
+
+    def train_round(self, *, fedprox_mu: float | None = None) -> RoundStats:
+        """``local_epochs`` passes over the site's data (FedProx adds its proximal term when ``fedprox_mu``)."""
+        loss_fn = self.loss_fn
+        if fedprox_mu:
+            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
+
+            anchor = copy.deepcopy(self.model).eval()
+            for p in anchor.parameters():
+                p.requires_grad_(False)
+            prox = PTFedProxLoss(mu=fedprox_mu)
+            base = self.loss_fn
+
+            def loss_fn(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                return base(outputs, labels) + prox(self.model, anchor)
+
+        total = RoundStats(0.0, 0, 0, 0.0)
+        for _ in range(self.config.local_epochs):
+            stats = train_epoch(
+                self.train_model,
+                self.loader,
+                self.optimizer,
+                loss_fn,
+                device=self.device,
+                max_steps=self.config.max_steps_per_epoch,
+            )
+            total.loss += stats.loss * stats.steps
+            total.steps += stats.steps
+            total.samples += stats.samples
+            total.seconds += stats.seconds
+        total.loss = total.loss / max(total.steps, 1)
+        return total
+
+    def weight_diff(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Local minus global weights (what leaves the site), computed on the unwrapped network."""
+        local = self.model.state_dict()
+        return {k: (local[k].detach().cpu() - global_state[k]) for k in global_state}
+
+
+def _config_path(name: str) -> Path:
+    """The job config shipped in the job's custom/ folder, next to the launched script (cwd is the app folder)."""
+    script_dir = Path(sys.argv[0]).resolve().parent
+    for candidate in (Path(name), script_dir / name, Path("custom") / name, Path(__file__).resolve().parent / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"job config {name!r} not found in {Path.cwd()} or next to {script_dir}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import nvflare.client as flare
+    from nvflare.apis.fl_constant import FLMetaKey
+    from nvflare.app_common.utils.fedprox_utils import get_fedprox_mu
+    from nvflare.client.tracking import SummaryWriter
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=CONFIG_FILE_NAME, help="job config file (shipped in the job folder)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_config(_config_path(args.config))
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+
+    flare.init()
+    site = flare.get_site_name()
+    job_id = flare.get_job_id()
+    trainer = SiteTrainer(config, site, job_id=job_id)
+    writer = SummaryWriter()
+
+    while flare.is_running():
+        input_model = flare.receive()
+        if input_model is None:
+            break
+        rnd = int(input_model.current_round or 0)
+        global_state = trainer.load_global(input_model.params)
+        if flare.is_submit_model():  # not used by this job's workflows; answer with the global model untouched
+            flare.send(flare.FLModel(params=global_state, params_type=flare.ParamsType.FULL))
+            continue
+        if flare.is_evaluate():  # cross-site evaluation of a server model on this site's held-out cases
+            metrics = trainer.validate(with_hd95=True)
+            log.info("site %s: evaluation %s", site, metrics)
+            flare.send(flare.FLModel(metrics=metrics))
+            continue
+
+        metrics = trainer.validate()  # the received global model on held-out cases: drives model selection
+        mu = get_fedprox_mu(input_model) if config.algorithm == "fedprox" else None
+        stats = trainer.train_round(fedprox_mu=mu)
+        diff = trainer.weight_diff(global_state)
+        metrics.update(train_loss=stats.loss, train_steps=float(stats.steps))
+        meta: dict[str, Any] = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps}
+        report = trainer.record_privacy(rnd)
+        if report is not None:
+            meta[DP_REPORT_KEY] = report  # what a site's RequireDPSGD policy filter checks
+            for key in ("epsilon", "delta"):
+                if isinstance(report.get(key), (int, float)):
+                    metrics[f"dp_{key}"] = float(report[key])
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, global_step=rnd)
+        log.info("site %s round %d: %d steps, loss %.4f, %s", site, rnd, stats.steps, stats.loss, metrics)
+        flare.send(flare.FLModel(params=diff, params_type=flare.ParamsType.DIFF, metrics=metrics, meta=meta))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,795 @@
+"""DP-SGD for a site's local training: one Opacus engine and accountant for a whole federated job.
+
+What it guarantees: *sample-level* (ε, δ)-differential privacy *per site*: the unit protected is one training case
+(one volume) of this site's dataset; ε composes over every optimizer step the site takes in the job (all rounds,
+across client restarts through ``state_path``). It says nothing about other sites, nor about a patient with several
+volumes (group privacy: ε grows with the number of volumes per patient).
+
+How (Abadi et al. 2016, with Opacus's optimizer and accountants): Poisson sampling of cases with rate
+q = 1 / ceil(N / batch_size); per-sample gradients (the bundle's ``DiceCELoss(batch=False)`` is a mean of per-sample
+terms, checked at run time; default method ``vmap``, chosen by bench/bench_dp.py); each clipped to L2 norm
+``max_grad_norm``; Gaussian noise of std σ·C added to their sum. An empty Poisson draw still
+takes a step (noise only) and is accounted: skipping it would reveal that the batch was empty and break the
+accounting, and Opacus's own empty batches crash MONAI dict batches.
+
+Typical use in a federated client (the engine lives for the whole job)::
+
+    engine = SitePrivacyEngine(config=DPSGDConfig.from_dict(cfg), dataset_size=len(ds), batch_size=2,
+                               state_path=workspace / "dp_state.json")
+    engine.check_budget(ledger, dataset_id=..., job_id=...)          # before any training
+    model, optimizer, loader = engine.make_private(model=net, optimizer=opt, data_loader=loader)
+    loss_fn = engine.wrap_loss(bundle.loss())                         # required (vmap: computes the gradients)
+    for rnd in rounds:
+        engine.load_global_weights(global_state)
+        train_epoch(model, loader, optimizer, loss_fn, device=device)   # fetalseg.training
+        engine.record(ledger, job_id=..., dataset_id=..., round=rnd)   # before sending
+        send(engine.unwrapped_state_dict(), metrics | engine.report())
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from opacus.accountants import create_accountant
+from opacus.grad_sample import prepare_module
+from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from privacy.accounting import (
+    ACCOUNTANTS,
+    check_delta,
+    epsilon_for_history,
+    noise_multiplier_for_epsilon,
+)
+from privacy.ledger import DatasetStatus, PrivacyBudgetExceeded, SiteLedger
+
+log = logging.getLogger(__name__)
+
+SCOPE = "sample-level DP, per site"
+# Per-sample gradient methods: Opacus's three that work on the bundle's 3D U-Net ("ew" cannot handle
+# conv_transpose3d) and this module's "vmap". The default is chosen by bench/bench_dp.py on this model
+# (bench/results/dp.md).
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("vmap", "functorch", "hooks", "ghost")
+DEFAULT_GRAD_SAMPLE_MODE = "vmap"
+STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """DP-SGD settings of a job: either (``noise_multiplier``, ``max_grad_norm``) or a ``target_epsilon``.
+
+    In target-ε mode the planned number of steps must be known (``planned_steps``, or ``planned_rounds`` ×
+    ``local_epochs`` full passes over the local data); the noise is then computed so that ε after exactly those
+    steps is at most the target, and the engine refuses any step beyond the plan.
+    """
+
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    planned_steps: int | None = None
+    planned_rounds: int | None = None
+    local_epochs: int | None = None
+    accountant: str = "rdp"
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
+    seed: int | None = None  # reproducible noise and sampling: tests only (a known seed voids the guarantee)
+
+    def __post_init__(self) -> None:
+        _positive_or_none("noise_multiplier", self.noise_multiplier)
+        _positive_or_none("target_epsilon", self.target_epsilon)
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "give exactly one of noise_multiplier (with max_grad_norm) or target_epsilon, "
+                f"got noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}"
+            )
+        if self.max_grad_norm is None:
+            raise ValueError("max_grad_norm (the per-sample clip norm) is required")
+        _positive_or_none("max_grad_norm", self.max_grad_norm)
+        check_delta(self.delta)
+        for name in ("planned_steps", "planned_rounds", "local_epochs"):
+            _int_at_least_or_none(name, getattr(self, name), 1)
+        if (self.planned_rounds is None) != (self.local_epochs is None):
+            raise ValueError("planned_rounds and local_epochs go together (planned steps = rounds × epochs × batches)")
+        if self.planned_steps is not None and self.planned_rounds is not None:
+            raise ValueError("give planned_steps or planned_rounds + local_epochs, not both")
+        if self.target_epsilon is not None and self.planned_steps is None and self.planned_rounds is None:
+            raise ValueError("target_epsilon needs the plan: planned_steps, or planned_rounds and local_epochs")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DPSGDConfig:
+        """Build from a job config dict; unknown keys are an error (a typo must not silently drop a setting)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"DP-SGD config must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DP-SGD config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # -- what follows from the dataset -------------------------------------------------------------------------
+    def check_dataset(self, dataset_size: int) -> None:
+        """δ must be well below 1/N: with δ ≥ 1/N, releasing one random case verbatim would satisfy (ε, δ)-DP."""
+        _int_at_least("dataset_size", dataset_size, 1)
+        if self.delta >= 1.0 / dataset_size:
+            raise ValueError(
+                f"delta={self.delta:g} must be < 1/N = {1.0 / dataset_size:.3g} for N={dataset_size} cases "
+                f"(a δ that large allows leaking a whole case); use e.g. delta <= {0.1 / dataset_size:.1g}"
+            )
+
+    def planned_total_steps(self, *, dataset_size: int, batch_size: int) -> int | None:
+        """Optimizer steps in the whole job (None if the config does not say)."""
+        if self.planned_steps is not None:
+            return int(self.planned_steps)
+        if self.planned_rounds is not None and self.local_epochs is not None:
+            return int(self.planned_rounds) * int(self.local_epochs) * steps_per_epoch(dataset_size, batch_size)
+        return None
+
+
+def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
+    """Poisson draws per pass over the data: ceil(N / B), as Opacus's ``DPDataLoader`` uses."""
+    _int_at_least("dataset_size", dataset_size, 1)
+    _int_at_least("batch_size", batch_size, 1)
+    return math.ceil(dataset_size / batch_size)
+
+
+def sample_rate_for(dataset_size: int, batch_size: int) -> float:
+    """Poisson sampling rate q = 1 / ceil(N / B) (expected batch size N·q ≈ B)."""
+    return 1.0 / steps_per_epoch(dataset_size, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss: per-sample terms, checked
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PerSampleLoss(nn.Module):
+    """A loss made of per-sample terms, computed sample by sample so ``reduction='none'`` gives one value each.
+
+    Ghost clipping needs the per-sample loss vector; MONAI's ``DiceCELoss`` has no such reduction (setting its
+    ``reduction`` attribute does not reach the inner Dice and CE terms, and Opacus would then scale one scalar by
+    every sample's clip factor: silently wrong gradients).
+    """
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.reduction = "mean"
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        terms = [self.loss_fn(prediction[i : i + 1], target[i : i + 1]).reshape(()) for i in range(len(prediction))]
+        per_sample = torch.stack(terms) if terms else prediction.sum() * 0.0
+        if self.reduction == "none":
+            return per_sample
+        if self.reduction == "sum":
+            return per_sample.sum()
+        return per_sample.mean()
+
+
+class _CheckedLoss(nn.Module):
+    """The loss as given, verified once (on the first batch of ≥ 2) to be the mean of per-sample losses."""
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.verified = False
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(prediction, target)
+        if not self.verified and len(prediction) >= 2:
+            with torch.no_grad():
+                batch_value = loss.detach().mean()
+                per_sample = PerSampleLoss(self.loss_fn)(prediction.detach(), target.detach())
+            if not torch.allclose(batch_value, per_sample, rtol=1e-4, atol=1e-6):
+                raise ValueError(
+                    f"the loss is not a mean of per-sample terms (batch loss {float(batch_value):.6g} != mean of "
+                    f"per-sample losses {float(per_sample):.6g}); DP-SGD's per-sample gradients would be wrong. "
+                    "Use DiceCELoss(batch=False)"
+                )
+            self.verified = True
+        return loss
+
+
+class _GhostTensor(DPTensorFastGradientClipping):
+    """Opacus's ghost-clipping loss, made to look like a scalar to ``fetalseg.training.train_step``."""
+
+    def dim(self) -> int:
+        return 0
+
+
+class _GhostLoss(DPLossFastGradientClipping):
+    def __call__(self, *args: Any, **kwargs: Any) -> _GhostTensor:
+        out = super().__call__(*args, **kwargs)
+        if out.loss_per_sample.dim() != 1:
+            raise ValueError(f"ghost clipping needs one loss per sample, got shape {tuple(out.loss_per_sample.shape)}")
+        return _GhostTensor(out.module, out.optimizer, out.loss_per_sample, out.loss_reduction)
+
+
+def _reject_batch_coupled_loss(loss_fn: Any) -> None:
+    """Refuse losses configured to mix samples (e.g. ``DiceLoss(batch=True)`` pools all samples' voxels)."""
+    for obj in (loss_fn, getattr(loss_fn, "dice", None)):
+        if obj is not None and getattr(obj, "batch", False) is True:
+            raise ValueError(
+                f"{type(loss_fn).__name__} has batch=True: its Dice term pools every sample of a batch, so "
+                "per-sample gradients (and DP-SGD's clipping) would be wrong; use batch=False"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-sample gradients of the whole network with torch.func
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VmapGradSampleModule(nn.Module):
+    """Per-sample gradients for Opacus's ``DPOptimizer`` from ``vmap(grad(per-sample loss))`` over the whole network.
+
+    Why: Opacus's modes work layer by layer (hooks copy activations and backprops; "functorch" vmaps each layer's
+    own forward again), 1.7–3.5× a plain step on the 3D U-Net. Vectorising the gradient of one sample's loss over
+    the batch lets PyTorch batch every convolution (its per-sample weight gradient becomes one grouped
+    convolution), close to the cost of a plain step (bench/results/dp.md).
+
+    The gradient needs the labels, so it is computed by the loss from :meth:`SitePrivacyEngine.wrap_loss`: in
+    training mode ``forward`` keeps the batch and returns the network's output *without* a graph (a loss that is
+    not the engine's cannot be back-propagated: it fails instead of training without DP); the engine's loss then
+    fills ``p.grad_sample`` (shape ``(B, *p.shape)``, the gradients of the per-sample losses) and returns their
+    mean. In eval mode or without grad it is the plain network.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._module = module
+        self._trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._pending: torch.Tensor | None = None
+        for _, p in self._trainable:
+            p.grad_sample = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return self._module(x)
+        if int(x.shape[0]) == 0:
+            raise ValueError("empty batch: the DP engine takes a noise-only step for an empty Poisson draw instead")
+        self._pending = _plain_tensor(x)
+        with torch.no_grad():
+            return self._module(self._pending)
+
+    def compute_grad_samples(
+        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
+        """Set ``p.grad_sample`` for the batch of the last forward; return the per-sample losses."""
+        x, self._pending = self._pending, None
+        if x is None:
+            raise RuntimeError("run the model on the batch before computing its loss")
+        if int(target.shape[0]) != int(x.shape[0]):
+            raise ValueError(f"{target.shape[0]} targets for a batch of {x.shape[0]}")
+        if any(p.grad_sample is not None for _, p in self._trainable):
+            raise RuntimeError("per-sample gradients of the previous batch are still there: call zero_grad() first")
+        params = {n: p.detach() for n, p in self._trainable}
+        module = self._module
+
+        def sample_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
+            return loss_fn(torch.func.functional_call(module, p, (xi[None],)), ti[None]).reshape(())
+
+        grads, losses = torch.func.vmap(
+            torch.func.grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different"
+        )(params, x, target)
+        for name, p in self._trainable:
+            p.grad_sample = grads[name].detach()
+        return losses.detach()
+
+
+class VmapLoss(nn.Module):
+    """The engine's loss in "vmap" mode: per-sample gradients into ``p.grad_sample``, returns the batch loss.
+
+    MONAI's one-hot conversion writes in place (not vmappable), so targets are one-hot encoded before the vmap and
+    the loss is used with ``to_onehot_y=False``; the first batch checks that this gives the original loss value.
+    """
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], module: VmapGradSampleModule):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.module = module
+        self.sample_loss_fn, self.onehot = _vmappable_loss(loss_fn)
+        self.verified = False
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        prediction, target = _plain_tensor(prediction), _plain_tensor(target)
+        if self.onehot and target.shape[1] == 1:
+            vtarget = nn.functional.one_hot(target[:, 0].long(), prediction.shape[1]).movedim(-1, 1).to(prediction)
+        else:
+            vtarget = target
+        if not self.verified:
+            with torch.no_grad():
+                original = self.loss_fn(prediction, target).mean()
+                per_sample = [
+                    self.sample_loss_fn(prediction[i : i + 1], vtarget[i : i + 1]) for i in range(len(target))
+                ]
+                mean = torch.stack([v.reshape(()) for v in per_sample]).mean()
+            if not torch.allclose(original, mean, rtol=1e-4, atol=1e-6):
+                raise ValueError(
+                    f"the loss is not a mean of per-sample terms (batch loss {float(original):.6g} != mean of "
+                    f"per-sample losses {float(mean):.6g}); DP-SGD's per-sample gradients would be wrong"
+                )
+            self.verified = True
+        losses = self.module.compute_grad_samples(self.sample_loss_fn, vtarget)
+        return losses.mean().requires_grad_(True)  # backward() of this leaf touches no weight
+
+
+def _vmappable_loss(loss_fn: Any) -> tuple[Any, bool]:
+    """A copy of ``loss_fn`` taking one-hot targets (``to_onehot_y`` off everywhere) and whether it needs them."""
+    holders = [m for m in _modules_of(loss_fn) if getattr(m, "to_onehot_y", False) is True]
+    if not holders:
+        return loss_fn, False
+    clone = copy.deepcopy(loss_fn)
+    for m in _modules_of(clone):
+        if getattr(m, "to_onehot_y", False) is True:
+            m.to_onehot_y = False
+    return clone, True
+
+
+def _modules_of(obj: Any) -> list[Any]:
+    return list(obj.modules()) if isinstance(obj, nn.Module) else [obj]
+
+
+def _plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor (its metadata machinery does not go through torch.func)."""
+    return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Poisson sampling with accounted empty draws
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _EmptyDraw:
+    """Marker the collate function returns for an empty Poisson draw (picklable, for worker processes)."""
+
+
+class _CollateOrEmpty:
+    def __init__(self, collate_fn: Callable[[list[Any]], Any] | None) -> None:
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, samples: list[Any]) -> Any:
+        return _EmptyDraw() if len(samples) == 0 else self.collate_fn(samples)
+
+
+class PoissonDataLoader:
+    """Each case joins each batch independently with probability q; ``len()`` draws per pass.
+
+    An empty draw is not yielded: the engine takes a noise-only step for it right away (accounted), so any
+    training loop — including ``fetalseg.training.train_epoch``, which skips empty batches — stays correct.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        sample_rate: float,
+        num_batches: int,
+        collate_fn: Callable[[list[Any]], Any] | None,
+        on_empty: Callable[[], None],
+        on_batch: Callable[[], None],
+        num_workers: int = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.worker_init_fn = worker_init_fn
+        self.sample_rate = float(sample_rate)
+        self.num_batches = int(num_batches)
+        self.collate_fn = collate_fn
+        self.num_workers = int(num_workers)
+        self.generator = generator
+        self._on_empty = on_empty
+        self._on_batch = on_batch
+        self.batch_size = None  # variable: Poisson sampling
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(self.dataset),  # type: ignore[arg-type]
+            sample_rate=self.sample_rate,
+            generator=self.generator,
+            steps=self.num_batches,
+        )
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=_CollateOrEmpty(self.collate_fn),
+            num_workers=self.num_workers,
+            worker_init_fn=self.worker_init_fn,
+        )
+        for batch in loader:
+            if isinstance(batch, _EmptyDraw):
+                self._on_empty()
+                continue
+            self._on_batch()
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SitePrivacyEngine:
+    """One site's DP-SGD engine for one federated job: wraps training once, accounts every step, persists state."""
+
+    def __init__(
+        self,
+        *,
+        config: DPSGDConfig,
+        dataset_size: int,
+        batch_size: int,
+        state_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if not isinstance(config, DPSGDConfig):
+            raise TypeError(f"config must be a DPSGDConfig (use DPSGDConfig.from_dict), got {type(config).__name__}")
+        _int_at_least("dataset_size", dataset_size, 1)
+        _int_at_least("batch_size", batch_size, 1)
+        config.check_dataset(dataset_size)
+        self.config = config
+        self.dataset_size = int(dataset_size)
+        self.batch_size = int(batch_size)
+        self.steps_per_epoch = steps_per_epoch(dataset_size, batch_size)
+        self.sample_rate = 1.0 / self.steps_per_epoch
+        self.expected_batch_size = max(1, int(self.dataset_size * self.sample_rate))
+        self.planned_steps = config.planned_total_steps(dataset_size=dataset_size, batch_size=batch_size)
+        if config.noise_multiplier is not None:
+            self.noise_multiplier = float(config.noise_multiplier)
+        elif config.target_epsilon is not None and self.planned_steps is not None:
+            self.noise_multiplier = noise_multiplier_for_epsilon(
+                target_epsilon=config.target_epsilon,
+                sample_rate=self.sample_rate,
+                steps=self.planned_steps,
+                delta=config.delta,
+                accountant=config.accountant,  # type: ignore[arg-type]
+            )
+        else:  # DPSGDConfig refuses this; never train with an undefined noise
+            raise ValueError("target_epsilon needs a plan (planned_steps or planned_rounds + local_epochs)")
+        self.max_grad_norm = float(config.max_grad_norm)
+        self.state_path = Path(state_path) if state_path is not None else None
+        self._accountant = create_accountant(mechanism=config.accountant)
+        self.empty_steps = 0
+        self._pending_batches = 0
+        self._module: nn.Module | None = None
+        self._wrapped: nn.Module | None = None
+        self._optimizer: DPOptimizer | None = None
+        self._loader: PoissonDataLoader | None = None
+        self._generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        if config.seed is not None:
+            log.warning("DP-SGD noise and sampling are seeded (seed=%d): reproducible, so NOT private", config.seed)
+        if self.state_path is not None and self.state_path.exists():
+            self._restore()
+        log.info(
+            "DP-SGD (%s): N=%d, q=%.4g, σ=%.4g, C=%g, δ=%g, accountant=%s, %s planned steps (ε=%s), %d done",
+            SCOPE,
+            self.dataset_size,
+            self.sample_rate,
+            self.noise_multiplier,
+            self.max_grad_norm,
+            config.delta,
+            config.accountant,
+            self.planned_steps if self.planned_steps is not None else "no",
+            _fmt(self.planned_epsilon),
+            self.steps,
+        )
+
+    # -- accounting ------------------------------------------------------------------------------------------------
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [tuple(h) for h in self._accountant.history]  # type: ignore[misc]
+
+    @property
+    def steps(self) -> int:
+        """DP steps taken in this job so far (including noise-only steps on empty draws and before restarts)."""
+        return sum(int(h[2]) for h in self._accountant.history)
+
+    @property
+    def epsilon(self) -> float:
+        """ε spent by this site in this job so far, at the config's δ."""
+        return epsilon_for_history(self.history, delta=self.config.delta, accountant=self.config.accountant)  # type: ignore[arg-type]
+
+    def epsilon_after(self, steps: int) -> float:
+        """ε this engine would have spent after ``steps`` steps in total (for planning)."""
+        return epsilon_for_history(
+            [(self.noise_multiplier, self.sample_rate, int(steps))],
+            delta=self.config.delta,
+            accountant=self.config.accountant,  # type: ignore[arg-type]
+        )
+
+    @property
+    def planned_epsilon(self) -> float | None:
+        """ε after the planned steps (what a ledger must allow before the job starts); None without a plan."""
+        return None if self.planned_steps is None else self.epsilon_after(self.planned_steps)
+
+    def report(self) -> dict[str, Any]:
+        """What the site reports with its metrics after a round (all values plain JSON types)."""
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.config.delta,
+            "accountant": self.config.accountant,
+            "sample_rate": self.sample_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "steps": self.steps,
+            "empty_steps": self.empty_steps,
+            "planned_steps": self.planned_steps,
+            "planned_epsilon": self.planned_epsilon,
+            "target_epsilon": self.config.target_epsilon,
+            "dataset_size": self.dataset_size,
+            "expected_batch_size": self.expected_batch_size,
+            "grad_sample_mode": self.config.grad_sample_mode,
+            "scope": SCOPE,
+        }
+
+    # -- ledger ----------------------------------------------------------------------------------------------------
+    def check_budget(self, ledger: SiteLedger, *, dataset_id: str, job_id: str | None = None) -> DatasetStatus:
+        """Refuse the job (before any training) if its planned ε does not fit in the dataset's budget."""
+        planned = self.planned_epsilon
+        if planned is None:
+            raise ValueError(
+                "cannot check a privacy budget without a plan: set planned_steps or planned_rounds + local_epochs"
+            )
+        return ledger.check_budget(
+            dataset_id=dataset_id, planned_epsilon=planned, delta=self.config.delta, job_id=job_id
+        )
+
+    def record(self, ledger: SiteLedger, *, job_id: str, dataset_id: str, round: int) -> DatasetStatus:
+        """Write this job's cumulative ε to the ledger (do it before sending the round's update)."""
+        return ledger.record(
+            job_id=job_id,
+            dataset_id=dataset_id,
+            epsilon=self.epsilon,
+            delta=self.config.delta,
+            round=round,
+            steps=self.steps,
+            accountant=self.config.accountant,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            scope=SCOPE,
+        )
+
+    # -- wrapping --------------------------------------------------------------------------------------------------
+    def make_private(
+        self, *, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader
+    ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
+        """Wrap model (per-sample gradients), optimizer (clip + noise, accounted) and loader (Poisson). Once per job."""
+        if self._optimizer is not None:
+            raise RuntimeError("make_private is called once per job; reuse the objects it returned in every round")
+        if isinstance(optimizer, DPOptimizer):
+            raise ValueError("the optimizer is already a DPOptimizer; pass the plain optimizer")
+        self._check_planned_steps_left()
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ValueError(f"the model cannot be trained with DP-SGD: {errors} (use instance or group norm)")
+        model_params = {id(p) for p in model.parameters()}
+        if any(id(p) not in model_params for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("the optimizer holds parameters that are not the model's")
+        dataset = data_loader.dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        if n != self.dataset_size:
+            raise ValueError(
+                f"the engine was set up for dataset_size={self.dataset_size} but the loader has {n} samples: "
+                "the sample rate and ε would be wrong"
+            )
+        if data_loader.batch_size is not None and data_loader.batch_size != self.batch_size:
+            raise ValueError(
+                f"the engine was set up for batch_size={self.batch_size} but the loader uses {data_loader.batch_size}"
+            )
+        mode = self.config.grad_sample_mode
+        if mode == "vmap":
+            wrapped: nn.Module = VmapGradSampleModule(model)
+        else:
+            extra = {"max_grad_norm": self.max_grad_norm} if mode == "ghost" else {}
+            wrapped = prepare_module(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra)
+            wrapped.forbid_grad_accumulation()
+        optim_class = get_optimizer_class(
+            clipping="flat", distributed=False, grad_sample_mode="hooks" if mode == "vmap" else mode
+        )
+        dp_optimizer = optim_class(
+            optimizer=optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+            generator=self._generator,
+        )
+        dp_optimizer.attach_step_hook(self._on_step)
+        loader = PoissonDataLoader(
+            dataset,
+            sample_rate=self.sample_rate,
+            num_batches=self.steps_per_epoch,
+            collate_fn=data_loader.collate_fn,
+            num_workers=data_loader.num_workers,
+            worker_init_fn=data_loader.worker_init_fn,
+            generator=self._generator,
+            on_empty=self._noise_only_step,
+            on_batch=self._on_batch,
+        )
+        self._module, self._wrapped, self._optimizer, self._loader = model, wrapped, dp_optimizer, loader
+        self.save_state()
+        return wrapped, dp_optimizer, loader
+
+    def wrap_loss(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+        """The loss to train with: checked per-sample (hooks/functorch) or Opacus's ghost-clipping loss."""
+        _reject_batch_coupled_loss(loss_fn)
+        mode = self.config.grad_sample_mode
+        if mode in ("functorch", "hooks"):
+            return _CheckedLoss(loss_fn)
+        if self._optimizer is None or self._wrapped is None:
+            raise RuntimeError(f"call make_private before wrap_loss in {mode} mode")
+        if mode == "vmap":
+            return VmapLoss(loss_fn, self._wrapped)  # type: ignore[arg-type]
+        return _GhostLoss(self._wrapped, self._optimizer, PerSampleLoss(loss_fn), loss_reduction="mean")  # type: ignore[arg-type]
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The original (unwrapped) model."""
+        if self._module is None:
+            raise RuntimeError("make_private has not been called")
+        return self._module
+
+    def unwrapped_state_dict(self) -> dict[str, torch.Tensor]:
+        """The original module's weights (no ``_module.`` prefix), detached CPU copies: what a site sends."""
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def load_global_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load the server's global weights into the wrapped model (accepts ``_module.``-prefixed keys too)."""
+        self.module.load_state_dict(strip_module_prefix(state_dict))
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm,
+            "delta": self.config.delta,
+            "accountant": self.config.accountant,
+            "dataset_size": self.dataset_size,
+            "batch_size": self.batch_size,
+            "planned_steps": self.planned_steps,
+        }
+
+    def save_state(self) -> None:
+        """Write the accountant's history atomically (called after every step; cheap)."""
+        if self.state_path is None:
+            return
+        state = {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "history": [list(h) for h in self._accountant.history],
+            "empty_steps": self.empty_steps,
+            "scope": SCOPE,
+        }
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(state, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.state_path)
+
+    def _restore(self) -> None:
+        if self.state_path is None:
+            raise RuntimeError("no state path to restore from")
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            if state.get("version") != STATE_VERSION:
+                raise ValueError(f"unsupported state version {state.get('version')!r}")
+            history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+            empty = int(state.get("empty_steps", 0))
+            saved = dict(state["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RuntimeError(
+                f"DP-SGD state {self.state_path} is unreadable ({exc}); refusing to restart the count at zero. "
+                "Restore the file, or start a new job (new job id) so the ledger adds the spends up"
+            ) from exc
+        mine = self._fingerprint()
+        if saved != mine:
+            diff = {k: (saved.get(k), mine.get(k)) for k in set(saved) | set(mine) if saved.get(k) != mine.get(k)}
+            raise ValueError(
+                f"DP-SGD state {self.state_path} belongs to a different configuration (saved, now): {diff}; "
+                "a resumed job must use the same settings"
+            )
+        self._accountant.history = history
+        self.empty_steps = empty
+        log.info("DP-SGD state restored from %s: %d steps, ε=%.4g", self.state_path, self.steps, self.epsilon)
+
+    # -- hooks -----------------------------------------------------------------------------------------------------
+    def _check_planned_steps_left(self) -> None:
+        if self.planned_steps is not None and self.steps >= self.planned_steps:
+            raise PrivacyBudgetExceeded(
+                f"the job's {self.planned_steps} planned DP steps (ε={self.planned_epsilon:.4g}) are used up; "
+                "no further step is taken or released"
+            )
+
+    def _on_batch(self) -> None:
+        self._pending_batches = 1
+
+    def _on_step(self, optimizer: DPOptimizer) -> None:
+        """Runs inside ``optimizer.step()`` after noising, before the update is applied: may refuse the step."""
+        if self._pending_batches <= 0:
+            raise RuntimeError(
+                "a DP step was taken without a batch from the engine's Poisson loader; ε would be wrong. "
+                "Iterate the data loader returned by make_private"
+            )
+        if optimizer.noise_multiplier != self.noise_multiplier or optimizer.max_grad_norm != self.max_grad_norm:
+            raise RuntimeError("noise multiplier or clip norm changed after make_private; ε would not match the plan")
+        self._check_planned_steps_left()
+        self._pending_batches -= 1
+        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.save_state()
+
+    def _noise_only_step(self) -> None:
+        """An empty Poisson draw: release noise only (a real DP-SGD step with zero gradients), accounted."""
+        opt = self._optimizer
+        if opt is None:
+            raise RuntimeError("make_private has not been called")
+        opt.zero_grad(set_to_none=True)
+        for p in opt.params:
+            if self.config.grad_sample_mode == "ghost":
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        self._pending_batches = 1
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.empty_steps += 1
+        self.save_state()
+        log.debug("empty Poisson draw: noise-only step %d (accounted)", self.steps)
+
+
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove Opacus's ``_module.`` key prefix (a wrapped model's state dict) so the plain network can load it."""
+    return {(k[len("_module.") :] if k.startswith("_module.") else k): v for k, v in state_dict.items()}
+
+
+def _positive_or_none(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _int_at_least_or_none(name: str, value: Any, minimum: int) -> None:
+    if value is not None:
+        _int_at_least(name, value, minimum)
+
+
+def _int_at_least(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _fmt(value: float | None) -> str:
+    return "?" if value is None else f"{value:.4g}"
