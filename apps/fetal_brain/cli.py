@@ -4,7 +4,8 @@
 * ``install-model``: check a federated global model (checkpoint file or finished NVFlare job folder) and make it
   the served model, keeping where it came from;
 * ``export-cases``: write the corrected cases as a dataset folder for the site's NVFlare client;
-* ``model-info``: what the server would serve (version, origin, validation Dice).
+* ``model-info``: what the server would serve (version, origin, validation Dice);
+* ``user add|list|revoke``: bearer tokens for a server started with ``--conf auth true``.
 
 Heavy imports (MONAI Label, torch) happen inside the handlers so ``fetal-fl --help`` stays fast.
 """
@@ -27,7 +28,13 @@ UVICORN_APP = "apps.fetal_brain.server:app"
 
 
 def server_argv(
-    *, studies: str | Path, host: str = "127.0.0.1", port: int = 8000, conf: Sequence[Sequence[str]] = ()
+    *,
+    studies: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    conf: Sequence[Sequence[str]] = (),
+    ssl_certfile: str | Path | None = None,
+    ssl_keyfile: str | Path | None = None,
 ) -> list[str]:
     """``monailabel start_server`` arguments for this app behind its front (what the README shows)."""
     argv = [
@@ -43,6 +50,13 @@ def server_argv(
         "--uvicorn_app",
         UVICORN_APP,
     ]
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise ValueError("TLS needs both a certificate file and its key file (--ssl-certfile and --ssl-keyfile)")
+    if ssl_certfile and ssl_keyfile:
+        for what, path in (("certificate", ssl_certfile), ("key", ssl_keyfile)):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"TLS {what} file {path} does not exist")
+        argv += ["--ssl_certfile", str(ssl_certfile), "--ssl_keyfile", str(ssl_keyfile)]
     for key, value in conf:
         argv += ["--conf", str(key), str(value)]
     return argv
@@ -74,10 +88,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     conf = _conf(args)
-    remote_ok = any(k == "allow_remote" and v.lower() in {"1", "true", "yes", "on"} for k, v in conf)
-    if args.host not in {"127.0.0.1", "localhost", "::1"} and not remote_ok:
+    truthy = {"1", "true", "yes", "on"}
+    remote_ok = any(k == "allow_remote" and v.lower() in truthy for k, v in conf)
+    auth_on = any(k == "auth" and v.lower() in truthy for k, v in conf)
+    local = args.host in {"127.0.0.1", "localhost", "::1"}
+    if (not local or remote_ok) and not auth_on:
+        raise ValueError(
+            f"refusing to serve {args.host} without authentication: add --conf auth true (and create tokens with "
+            "'fetal-fl app user add'), or bind 127.0.0.1"
+        )
+    if not local and not remote_ok:
         log.warning("binding %s, but only this machine is served unless --conf allow_remote true", args.host)
-    argv = server_argv(studies=args.studies, host=args.host, port=args.port, conf=conf)
+    argv = server_argv(
+        studies=args.studies,
+        host=args.host,
+        port=args.port,
+        conf=conf,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
     if args.dryrun:
         print(" ".join([sys.executable, "-m", "monailabel.main", *argv]))
         return 0
@@ -119,6 +148,57 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users(args: argparse.Namespace) -> Any:
+    from apps.fetal_brain.lib.auth import UserStore, users_file
+
+    return UserStore(users_file(args.users_file))
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    store = _users(args)
+    token = store.add(args.user, args.role, days=None if args.days == 0 else args.days)
+    print(f"token for {args.user} ({args.role}), shown only now; give it to the user through a safe channel:")
+    print(token)
+    print(f"(stored hashed in {store.path})", file=sys.stderr)
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    _print_json(_users(args).list())
+    return 0
+
+
+def cmd_user_revoke(args: argparse.Namespace) -> int:
+    _print_json({"revoked": _users(args).revoke(args.who)})
+    return 0
+
+
+def _add_user_commands(sub: Any) -> None:
+    user = sub.add_parser(
+        "user",
+        help="manage access tokens for the server (auth)",
+        description="Create, list and revoke bearer tokens for the MONAI Label server started with --conf auth "
+        "true. Roles: annotator (info, infer, next case, submit labels, read the datastore), trainer (also "
+        "train, add/delete images, download the model, logs), admin (everything). Tokens are stored as salted "
+        "sha256 hashes in the users file (default $FETAL_FL_USERS_FILE or ~/.fetal-fl/app_users.json; the server "
+        "reads the same file, --conf users_file PATH); a running server sees changes at once.",
+    )
+    user_sub = user.add_subparsers(dest="user_command", metavar="<user command>")
+    user.set_defaults(handler=lambda _args: user.print_help() or 2)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--users-file", help="users/tokens file (default $FETAL_FL_USERS_FILE or ~/.fetal-fl/...)")
+    add = user_sub.add_parser("add", parents=[common], help="create a token (printed once)")
+    add.add_argument("user", help="user name (recorded in the audit log)")
+    add.add_argument("--role", choices=("annotator", "trainer", "admin"), default="annotator")
+    add.add_argument("--days", type=float, default=90.0, help="days until it expires (default 90; 0 = never)")
+    add.set_defaults(handler=cmd_user_add)
+    lst = user_sub.add_parser("list", parents=[common], help="list tokens (never the secrets)")
+    lst.set_defaults(handler=cmd_user_list)
+    revoke = user_sub.add_parser("revoke", parents=[common], help="revoke a token id or every token of a user")
+    revoke.add_argument("who", help="token id or user name")
+    revoke.set_defaults(handler=cmd_user_revoke)
+
+
 def _add_conf(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--conf",
@@ -131,7 +211,7 @@ def _add_conf(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``fetal-fl app <serve|install-model|export-cases|model-info>``."""
+    """Add ``fetal-fl app <serve|install-model|export-cases|model-info|user>``."""
     app = subparsers.add_parser(
         "app",
         help="MONAI Label app: serve, install a federated model, export corrected cases",
@@ -151,6 +231,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--dryrun", action="store_true", help="print the equivalent MONAI Label command and exit")
+    serve.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve HTTPS")
+    serve.add_argument("--ssl-keyfile", help="TLS private key (PEM) of --ssl-certfile")
     _add_conf(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -187,6 +269,8 @@ def register(subparsers: Any) -> None:
     export.add_argument("--site", help="site name recorded in the manifest (default: the folder name)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     export.set_defaults(handler=cmd_export_cases)
+
+    _add_user_commands(sub)
 
     info = sub.add_parser(
         "model-info", help="show the served model", description="Print what the server serves (JSON)."

@@ -40,6 +40,7 @@ def server_env(workdir: Path) -> dict[str, str]:
         MONAI_LABEL_TRACKING_ENABLED="false",
         MLFLOW_DISABLE_TELEMETRY="true",
         MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"),
+        FETAL_FL_APP_AUDIT_LOG=str(workdir / "audit.jsonl"),  # not the user's ~/.fetal-fl (conf audit_log wins)
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -81,22 +82,33 @@ def start(
     workdir: str | Path,
     conf: Sequence[tuple[str, str]] = (),
     timeout_s: float = 120.0,
+    ssl_certfile: str | Path | None = None,
+    ssl_keyfile: str | Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> LocalServer:
-    """Start the app for ``studies`` and wait until ``GET /info/`` answers; raise with the log tail if it fails."""
+    """Start the app for ``studies`` and wait until ``GET /health`` answers; raise with the log tail if it fails.
+
+    With ``ssl_certfile``/``ssl_keyfile`` the server speaks HTTPS (the URL says so; the readiness probe trusts
+    ``ssl_certfile``, i.e. a self-signed certificate). ``env`` adds environment variables for the server.
+    """
     studies, workdir = Path(studies), Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = [sys.executable, "-m", "monailabel.main", *server_argv(studies=studies, port=port, conf=conf)]
+    argv = server_argv(studies=studies, port=port, conf=conf, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    cmd = [sys.executable, "-m", "monailabel.main", *argv]
     log_path = workdir / "server.log"
+    full_env = {**server_env(workdir), **(env or {})}
     with open(log_path, "w") as out:
-        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=server_env(workdir), stdout=out, stderr=subprocess.STDOUT)
-    server = LocalServer(f"http://127.0.0.1:{port}", studies, log_path, process)
+        process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    scheme = "https" if ssl_certfile else "http"
+    verify: bool | str = str(ssl_certfile) if ssl_certfile else True
+    server = LocalServer(f"{scheme}://127.0.0.1:{port}", studies, log_path, process)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
         with contextlib.suppress(requests.ConnectionError):
-            if requests.get(f"{server.url}/info/", timeout=5).status_code == 200:
+            if requests.get(f"{server.url}/health", timeout=5, verify=verify).status_code == 200:
                 log.info("server for %s at %s", studies, server.url)
                 return server
         time.sleep(0.5)

@@ -11,6 +11,7 @@ what is wrong), store through the checking datastore, and run inference and acti
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from monailabel.interfaces.utils.app import app_instance
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from apps.fetal_brain.lib import audit
 from apps.fetal_brain.lib.errors import (
     BadRequestError,
     InputError,
@@ -157,10 +159,33 @@ async def receive_upload(upload: UploadFile, *, allowed: tuple[str, ...], limit:
     return await run_in_threadpool(_finish_upload, raw, upload.filename, allowed=allowed, limit=limit)
 
 
-def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor) -> FastAPI:
+def _who(request: Request) -> tuple[str, str | None]:
+    """The authenticated user and role the server front put in the scope (anonymous when auth is off)."""
+    principal = request.scope.get("state", {}).get("principal")
+    return (principal.user, principal.role) if principal is not None else ("anonymous", None)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_COPY_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _served_model(instance: Any) -> dict[str, Any]:
+    store = getattr(instance, "store", None)
+    try:
+        return audit.model_version(store.describe()) if store is not None else {}
+    except Exception as exc:  # the audit record must not fail the request
+        return {"error": str(exc)}
+
+
+def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_log: Path | None = None) -> FastAPI:
     """The FastAPI app holding the replaced routes (no docs of its own; the stock app's /docs stays)."""
     front = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     install_error_handlers(front)
+    audit_path = audit.audit_log_path(audit_log)
 
     async def in_infer_pool(fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` in the inference pool (bounded, off the event loop); counted as queued until it starts."""
@@ -239,7 +264,7 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor) -> Fas
 
     @front.put("/datastore/label")
     async def put_label(
-        image: str, params: str = Form("{}"), tag: str = "final", label: UploadFile = File(...)
+        request: Request, image: str, params: str = Form("{}"), tag: str = "final", label: UploadFile = File(...)
     ) -> dict[str, Any]:
         instance = app_instance()
         datastore = instance.datastore()
@@ -248,9 +273,22 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor) -> Fas
         info = parse_object(params)
         path = await receive_upload(label, allowed=LABEL_SUFFIXES, limit=max_upload_bytes)
         try:
+            sha = await run_in_threadpool(_file_sha256, path)
             label_id = await run_in_threadpool(datastore.save_label, image, str(path), tag, info)
         finally:
             discard(path)
+        user, role = _who(request)
+        audit.record(
+            audit_path,
+            "label_saved",
+            user=user,
+            role=role,
+            image=image,
+            label=label_id,
+            tag=tag,
+            upload_sha256=sha,
+            model=_served_model(instance),
+        )
         res = instance.on_save_label(image, label_id) or {}
         res.update({"image": image, "label": label_id, "tag": tag})
         return res
@@ -264,17 +302,24 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor) -> Fas
 
     @front.post("/train/{model}")
     async def train(
-        model: str, params: dict[str, Any] | None = Body(None), run_sync: bool = False, enqueue: bool = False
+        request: Request,
+        model: str,
+        params: dict[str, Any] | None = Body(None),
+        run_sync: bool = False,
+        enqueue: bool = False,
     ) -> Any:
         instance = app_instance()
         trainer = instance.trainer(model)
         trainer.validate(params)
         if not await run_in_threadpool(instance.datastore().final_cases):
             raise UnprocessableError("no corrected cases (images with a 'final' label) to fine-tune on yet")
+        user, role = _who(request)
+        base = _served_model(instance)  # the model the run starts from
+        audit.record(audit_path, "train_requested", user=user, role=role, task=model, params=params, model=base)
         return await run_in_threadpool(stock_train.run_model, model, params, run_sync, enqueue)
 
     @front.post("/train/")
-    async def train_all(params: dict[str, Any] | None = Body(None), run_sync: bool = False) -> Any:
+    async def train_all(request: Request, params: dict[str, Any] | None = Body(None), run_sync: bool = False) -> Any:
         instance = app_instance()
         params = params or {}
         for model in instance.trainer_names():
@@ -282,6 +327,10 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor) -> Fas
             if sub is not None and not isinstance(sub, dict):
                 raise BadRequestError(f"params[{model!r}] must be a JSON object")
             instance.trainer(model).validate(sub)
+        user, role = _who(request)
+        audit.record(
+            audit_path, "train_requested", user=user, role=role, task="*", params=params, model=_served_model(instance)
+        )
         return await run_in_threadpool(stock_train.run, params, run_sync)
 
     return front

@@ -12,7 +12,10 @@ and, without patching the installed package:
   pool so ``GET /info/`` keeps answering during a 256³ inference);
 * refuses clients and ``Host`` headers that are not this machine unless ``--conf allow_remote true`` (the stock
   launcher binds 0.0.0.0 by default; this also stops DNS-rebinding pages in a local browser), and limits CORS to
-  the server's own origin.
+  the server's own origin (or the ``cors_origins`` setting);
+* with ``--conf auth true`` requires ``Authorization: Bearer <token>`` with a role allowed for the route on every
+  request but ``GET /health`` (401 no/invalid/expired token, 403 role too low; see :mod:`apps.fetal_brain.lib.auth`)
+  and refuses to start with auth off when bound to a non-loopback address or serving remote clients.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl
@@ -28,6 +32,7 @@ os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from monailabel.config import settings
+from starlette.responses import JSONResponse
 from starlette.routing import Match
 
 from apps.fetal_brain.lib.config import AppConfig
@@ -59,10 +64,15 @@ _ID_PARAMS = {"image": "image id", "id": "image id", "label": "label id"}
 
 
 def _restrict_cors() -> None:
-    """Same-origin CORS unless the operator configured origins (stock default is every origin, with cookies)."""
-    if not settings.MONAI_LABEL_CORS_ORIGINS:
+    """CORS for the app's ``cors_origins`` only, else same-origin (stock default is every origin, with cookies)."""
+    configured = AppConfig.from_conf(settings.MONAI_LABEL_APP_CONF).cors_origins
+    if configured:
+        settings.MONAI_LABEL_CORS_ORIGINS = list(configured)
+    elif not settings.MONAI_LABEL_CORS_ORIGINS or "*" in settings.MONAI_LABEL_CORS_ORIGINS:
         port = settings.MONAI_LABEL_SERVER_PORT
-        settings.MONAI_LABEL_CORS_ORIGINS = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
+        settings.MONAI_LABEL_CORS_ORIGINS = [
+            f"{scheme}://{host}:{port}" for scheme in ("http", "https") for host in ("127.0.0.1", "localhost")
+        ]
 
 
 _restrict_cors()
@@ -70,6 +80,7 @@ _restrict_cors()
 from monailabel.app import app as stock_app  # noqa: E402  (reads the CORS setting at import)
 from monailabel.interfaces.utils.app import app_instance  # noqa: E402
 
+from apps.fetal_brain.lib.auth import HEALTH_PATH, AuthError, UserStore, users_file  # noqa: E402
 from apps.fetal_brain.lib.errors import InputError  # noqa: E402
 from apps.fetal_brain.lib.ids import check_tag, id_problem  # noqa: E402
 from apps.fetal_brain.lib.uploads import remove_private_dir  # noqa: E402
@@ -100,6 +111,13 @@ def _host_header(scope: Scope) -> str | None:
     return None
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def _content_length(scope: Scope) -> int | None:
     for key, value in scope.get("headers", []):
         if key == b"content-length":
@@ -110,14 +128,45 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+def bound_host(argv: list[str] | None = None) -> str:
+    """The address uvicorn binds, from the ``start_server`` command line (MONAI Label's default is 0.0.0.0)."""
+    argv = sys.argv if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg in ("--host", "-i") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return "0.0.0.0" if any(a == "start_server" for a in argv) else "127.0.0.1"
+
+
+def check_exposure(config: AppConfig, host: str) -> None:
+    """Refuse (RuntimeError) to serve other machines without authentication: the stock server would serve anyone."""
+    if config.auth:
+        return
+    if config.allow_remote or not _is_local(host):
+        raise RuntimeError(
+            f"refusing to start: bound to {host!r}"
+            + (" with allow_remote" if config.allow_remote else "")
+            + " but authentication is off; add '--conf auth true' and create tokens with 'fetal-fl app user add', "
+            "or bind 127.0.0.1"
+        )
+
+
 class FetalBrainServer:
     """The ASGI app uvicorn runs: policy, limits and checks in front of stock MONAI Label (see module doc)."""
 
-    def __init__(self, inner: Any, *, config: AppConfig) -> None:
+    def __init__(self, inner: Any, *, config: AppConfig, users: UserStore | None = None) -> None:
         self.inner = inner
         self.config = config
+        self.users = users if users is not None else (UserStore(users_file(config.users_file)) if config.auth else None)
+        if self.users is not None:
+            active = [r for r in self.users.list() if r["active"]]  # also: a corrupt file fails here, at start-up
+            if not active:
+                log.warning("auth is on but %s holds no active token: every request will get 401", self.users.path)
         self.infer_pool = ThreadPoolExecutor(max_workers=config.infer_workers, thread_name_prefix="infer")
-        self.front = build_front(max_upload_bytes=config.max_upload_bytes, infer_pool=self.infer_pool)
+        self.front = build_front(
+            max_upload_bytes=config.max_upload_bytes, infer_pool=self.infer_pool, audit_log=config.audit_log
+        )
         install_error_handlers(inner)  # stock routes that reach the datastore answer 4xx too
 
     # -- ASGI -----------------------------------------------------------------------------------------------------
@@ -138,6 +187,21 @@ class FetalBrainServer:
             if not _is_local(client[0] if client else None) or not _is_local(_host_header(scope)):
                 await self._refuse(scope, receive, send, 403, "this server only serves this machine (allow_remote)")
                 return
+        if method in ("GET", "HEAD") and path == HEALTH_PATH:  # liveness only: says nothing about the data
+            await JSONResponse({"status": "ok"})(scope, receive, send)
+            return
+        if self.users is not None:
+            try:
+                principal = self.users.authorize(_header(scope, b"authorization"), method, path)
+            except AuthError as exc:
+                await self._refuse(scope, receive, send, exc.status, str(exc))
+                return
+            except ValueError as exc:  # unreadable users file: fail closed, say why in the log only
+                log.error("auth: %s", exc)
+                await self._refuse(scope, receive, send, 503, "authentication is misconfigured on the server")
+                return
+            if principal is not None:
+                scope.setdefault("state", {})["principal"] = principal
         front = self._front_matches(scope)
         if not front and not self._inner_allows(method, path):
             await self._refuse(scope, receive, send, 404, f"{method} {path} is not offered by this server")
@@ -200,7 +264,10 @@ class FetalBrainServer:
                 break
             drained += len(message.get("body", b""))
             more = message.get("more_body", False)
-        await error_response(status, detail)(scope, receive, send)
+        response = error_response(status, detail)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="fetal-brain"'
+        await response(scope, receive, send)
 
 
 def _limited(receive: Any, limit: int) -> Any:
@@ -252,6 +319,7 @@ async def _buffered(receive: Any, limit: int) -> tuple[Any, bool]:
 def create_app() -> FetalBrainServer:
     """The wrapped server, configured from the app's ``--conf`` settings (and ``FETAL_BRAIN_*`` variables)."""
     config = AppConfig.from_conf(settings.MONAI_LABEL_APP_CONF)
+    check_exposure(config, bound_host())
     return FetalBrainServer(stock_app, config=config)
 
 

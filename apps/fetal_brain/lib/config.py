@@ -20,6 +20,14 @@ Keys (all optional):
 * ``max_upload_mb`` (default 1024): larger uploads get HTTP 413.
 * ``infer_workers`` (default 1): inferences that run at the same time; more queue (other requests never do).
 * ``allow_remote`` (default false): serve clients that are not on this machine (the front refuses them otherwise).
+* ``auth`` (default false): require ``Authorization: Bearer <token>`` on every route but ``/health`` (roles:
+  annotator, trainer, admin; see :mod:`apps.fetal_brain.lib.auth`). The server refuses to start with auth off
+  when it is bound to a non-loopback address or serves remote clients (``allow_remote``).
+* ``users_file``: the users/tokens file ``fetal-fl app user add`` writes (default ``$FETAL_FL_USERS_FILE`` or
+  ``~/.fetal-fl/app_users.json``).
+* ``audit_log``: who saved which label and started which training (default ``$FETAL_FL_APP_AUDIT_LOG`` or
+  ``~/.fetal-fl/audit/monailabel.jsonl``).
+* ``cors_origins``: comma-separated browser origins allowed by CORS (default: the server's own origin only).
 * ``train_publish`` (``if_better`` default, or ``always``): publish a fine-tuned model only if its validation Dice
   is at least the current model's, or always.
 * ``entropy_candidates`` (default 8): unlabelled images scored per call of the ``entropy`` strategy.
@@ -30,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +69,10 @@ _KEYS = {
     "allow_remote",
     "train_publish",
     "entropy_candidates",
+    "auth",
+    "users_file",
+    "cors_origins",
+    "audit_log",
 }
 
 
@@ -77,6 +90,10 @@ class AppConfig:
     train_publish: str = "if_better"
     entropy_candidates: int = 8
     infer_roi_size: tuple[int, int, int] | None = None
+    auth: bool = False
+    users_file: Path | None = None
+    cors_origins: tuple[str, ...] = ()
+    audit_log: Path | None = None
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None) -> AppConfig:
@@ -118,6 +135,10 @@ class AppConfig:
                 if raw.get("infer_roi_size") not in (None, "")
                 else None
             ),
+            auth=_bool(raw.get("auth", False), "auth"),
+            users_file=Path(str(raw["users_file"])).expanduser().resolve() if raw.get("users_file") else None,
+            cors_origins=_origins(raw.get("cors_origins")),
+            audit_log=Path(str(raw["audit_log"])).expanduser().resolve() if raw.get("audit_log") else None,
             entropy_candidates=int(
                 _number(raw.get("entropy_candidates", 8), "entropy_candidates", int, low=1, high=1000)
             ),
@@ -195,6 +216,21 @@ def _bool(value: Any, name: str) -> bool:
     if text in {"0", "false", "no", "off"}:
         return False
     raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    """``"https://a.example, http://b:8080"`` -> checked origins (scheme://host[:port], no path, no wildcard)."""
+    if value in (None, ""):
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    origins = []
+    for item in (str(i).strip().rstrip("/") for i in items):
+        if not item:
+            continue
+        if item == "*" or not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+$", item):
+            raise ValueError(f"cors_origins entries must look like https://host[:port] (no '*'), got {item!r}")
+        origins.append(item)
+    return tuple(origins)
 
 
 def _device(value: str) -> str:

@@ -1,0 +1,1 @@
+"""Security tests: authentication, TLS, CORS and audit against real servers."""
