@@ -15,10 +15,11 @@ SKIP_DIRS = {".venv", ".git", "build", "runs", "__pycache__", ".pytest_cache", "
 NETWORK_PATTERNS = [
     re.compile(r"\b(?:Basic)?UNet\s*\("),
     re.compile(r"\bUNETR\s*\(|\bSwinUNETR\s*\(|\bSegResNet\s*\(|\bDynUNet\s*\("),
-    re.compile(r"\bnn\.Conv3d\s*\(|\bConvTranspose3d\s*\("),
     re.compile(r"monai\.networks\.nets\s+import"),
     re.compile(r"\"network_def\"\s*:"),
 ]
+# raw 3D layers: banned in the project's code; tests may build one-layer toys (e.g. to show BatchNorm is refused)
+LAYER_PATTERN = re.compile(r"\bnn\.Conv3d\s*\(|\bConvTranspose3d\s*\(")
 # three or more FeTA tissue names paired with their label values in one file = a second label table
 # (names used as keys to look values up through fetalseg.labels are fine)
 LABEL_NAMES = [lab.name for lab in foreground_labels()]
@@ -57,6 +58,10 @@ def test_no_second_network_definition():
         f"{rel}: {pat.pattern}" for rel, text in _project_files({".py", ".json"}) for pat in NETWORK_PATTERNS
         if pat.search(text)
     ]  # fmt: skip
+    offenders += [
+        f"{rel}: {LAYER_PATTERN.pattern}" for rel, text in _project_files({".py"})
+        if rel.parts[0] != "tests" and LAYER_PATTERN.search(text)
+    ]  # fmt: skip
     assert not offenders, "network defined outside the bundle:\n" + "\n".join(offenders)
 
 
@@ -80,6 +85,7 @@ def test_the_guard_itself_detects_a_copy(tmp_path):
         'net = UNet(spatial_dims=3)\nt = {"Grey matter": 2, 3: "white_matter", "brainstem": 7}\nroi_size=(64, 64, 64)'
     )
     assert any(p.search(sample) for p in NETWORK_PATTERNS)
+    assert LAYER_PATTERN.search("self.conv = nn.Conv3d(1, 16, 3)")
     assert _pairings(sample) == ["grey_matter", "white_matter", "brainstem"]
     assert _pairings('ids["white_matter"], ids["brainstem"], ids["grey_matter"]') == []
     assert ROI_PATTERN.search(sample)
