@@ -1,71 +1,469 @@
 """``fetal-fl demo``: what the project does, on synthetic data, in one command.
 
-Until the federated pieces land this runs the centralized path end to end: synthesize a multi-site federation,
-train the baseline, evaluate it on every site's held-out cases and print the per-site × per-tissue table.
+Synthesize a 3-site federation, train it federatedly in NVFlare (simulator, or ``--poc``) with DP-SGD and
+percentile sharing and each site's privacy policy, compare with single-site and centralized training at the same
+budget on the same held-out cases, install the best global model into the MONAI Label app, and write a report.
+
+Nothing federated is re-implemented here: the job is ``nvflare_jobs``' own, and progress, ε and the best model
+are read from the files the job writes (``metrics/round_metrics.jsonl``, ``fetal_brain_best.pt``,
+``cross_site_val/cross_val_results.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-QUICK = {"size": 32, "cases": 4, "epochs": 10, "variant": "tiny", "minutes": 3.0}
-DEFAULT = {"size": 64, "cases": 8, "epochs": 60, "variant": None, "minutes": 10.0}
+REPO = Path(__file__).resolve().parents[1]
+SITES_POLICY_DIR = REPO / "nvflare_jobs" / "sites"
+POLICY_SCOPE = "dp_required"  # the scope of each site's privacy.json the demo job runs under
+
+
+@dataclass(frozen=True)
+class Size:
+    """One demo size: data, bundle variant and the shared training budget (epochs = FL rounds x local epochs)."""
+
+    name: str
+    shape: int
+    cases: int
+    variant: str | None
+    rounds: int
+    steps_per_epoch: int | None
+    batch_size: int | None
+    plain_fedavg: bool  # also run FedAvg without privacy (one more federated run)
+
+
+SIZES = {
+    "quick": Size("quick", 32, 4, "tiny", 3, None, 1, plain_fedavg=False),
+    "default": Size("default", 64, 8, None, 8, None, None, plain_fedavg=True),
+    "feta": Size("feta", 256, 8, "feta", 10, 4, 1, plain_fedavg=False),
+}
+
+
+@dataclass
+class Experiment:
+    """One row group of the report: a way of training, scored on every site's held-out cases."""
+
+    name: str
+    summary: dict[str, Any]
+    scores: list[Any] = field(default_factory=list)
+    epsilon: dict[str, float] | None = None  # per site, for the privacy-utility plot
+    checkpoint: Path | None = None
 
 
 def register(subparsers: Any) -> None:
+    """Add ``fetal-fl demo``."""
     p = subparsers.add_parser(
         "demo",
-        help="synthesize a multi-site federation, train, evaluate and print the results",
-        description="End-to-end demo on synthetic data. Default size takes ~10-15 minutes on 2 CPU cores; "
-        "--quick takes ~3 minutes.",
+        help="synthesize 3 sites, train federatedly with privacy, compare, install the model, write a report",
+        description="End-to-end demo on synthetic data: NVFlare (simulator or --poc) with DP-SGD + percentile "
+        "sharing, single-site and centralized baselines at the same budget, model installed into the MONAI "
+        "Label app, report in <out>/report/. Default ~15 minutes on 2 CPU cores; --quick ~3 minutes.",
     )
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (data, models, report)")
-    p.add_argument("--quick", action="store_true", help="tiny volumes and few epochs: a first look in minutes")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (data, runs, report)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="32³ × 4 cases/site, tiny bundle variant, 3 rounds")
+    size.add_argument("--size", choices=sorted(SIZES), default=None, help="default 64³ × 8; feta: 256³ volumes")
+    p.add_argument("--poc", action="store_true", help="run the federated job through a local POC system")
+    p.add_argument("--rounds", type=int, help="federated rounds (default depends on the size)")
     p.add_argument("--sites", type=int, default=3, help="number of synthetic sites")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data, splits, initial model)")
+    p.add_argument("--port", type=int, default=8000, help="port in the printed server command")
+    p.add_argument("--serve", action="store_true", help="start the MONAI Label server at the end (Ctrl-C stops it)")
     p.set_defaults(handler=run_demo)
 
 
+# -- helpers ---------------------------------------------------------------------------------------------------
+def _variant_overrides(variant: str | None) -> dict[str, Any]:
+    """The bundle variant as job ``bundle_overrides`` (the FL job takes overrides, the app takes a variant)."""
+    if not variant:
+        return {}
+    from fetalseg.paths import bundle_dir
+
+    overlay = json.loads((bundle_dir() / "configs" / "variants" / f"{variant}.json").read_text())
+    return {k: v for k, v in overlay.items() if not k.startswith("_")}
+
+
+def site_policy_filters(site: str, scope: str = POLICY_SCOPE) -> list[dict[str, Any]]:
+    """A site's ``privacy.json`` scope as job filters for that site only.
+
+    The simulator does not read site policies, so the demo applies each site's own ``dp_required`` filters
+    (RequireDPSGD, fail-closed percentile sharing) as per-site filters; POC runs use the policy files themselves.
+    """
+    path = SITES_POLICY_DIR / site / "privacy.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no privacy policy for {site}: {path} (the demo has policies for site-1..3)")
+    scopes = {s["name"]: s for s in json.loads(path.read_text())["scopes"]}
+    if scope not in scopes:
+        raise ValueError(f"{path} has no scope {scope!r} (scopes: {sorted(scopes)})")
+    return [
+        {"type": "class", "path": f["path"], "args": dict(f.get("args", {})), "sites": [site]}
+        for f in scopes[scope]["task_result_filters"]
+    ]
+
+
+def dp_plan(sites: list[str], *, delta: float = 1e-5, margin: float = 0.9) -> dict[str, Any]:
+    """DP-SGD settings that fit every site's policy: noise calibrated (``target_epsilon``) so the whole job ends
+    at ``margin`` × the smallest ``max_epsilon`` any site's policy accepts, instead of a site refusing mid-job."""
+    limits = [
+        float(f["args"]["max_epsilon"])
+        for site in sites
+        for f in site_policy_filters(site)
+        if f["path"].endswith("RequireDPSGD") and f["args"].get("max_epsilon")
+    ]
+    if not limits:
+        return {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": delta}
+    return {"target_epsilon": round(margin * min(limits), 3), "max_grad_norm": 1.0, "delta": delta}
+
+
+def job_config(
+    size: Size, data_root: Path, sites: list[str], *, rounds: int, seed: int, private: bool, poc: bool
+) -> dict[str, Any]:
+    """The federated job config the demo runs (the same schema as nvflare_jobs/fetal_brain/config.json)."""
+    privacy: dict[str, Any] = {"filters": [], "dp_sgd": None, "sites": {}}
+    scope = None
+    if private:
+        privacy["dp_sgd"] = dp_plan(sites)
+        if poc:
+            scope = POLICY_SCOPE  # each site's privacy.json adds its own filters
+        else:
+            privacy["filters"] = [f for s in sites for f in site_policy_filters(s)]
+    return {
+        "description": f"fetal-fl demo ({size.name}, {'DP-SGD + site policies' if private else 'no privacy'})",
+        "name": "demo_private" if private else "demo_fedavg",
+        "algorithm": "fedavg",
+        "num_rounds": rounds,
+        "min_clients": max(2, len(sites) - 1),  # one site refusing a round (its policy) does not stop the job
+        "sites": sites,
+        "scope": scope,
+        "bundle_overrides": _variant_overrides(size.variant),
+        "data": {"root": str(data_root.resolve()), "val_fraction": 0.25, "split_seed": seed},
+        "training": {
+            "local_epochs": 1,
+            "max_steps_per_epoch": size.steps_per_epoch,
+            "batch_size": size.batch_size,
+            "seed": seed,
+        },
+        "privacy": privacy,
+        "server": {"max_update_norm": 1000.0, "straggler_wait_s": 60, "task_timeout_s": 0},
+        "tracking": "tensorboard",
+        "cross_site_eval": True,
+        "runtime": {"external_process": True, "torch_threads": 1, "init_seed": seed},
+    }
+
+
+@contextlib.contextmanager
+def fl_environment() -> Iterator[None]:
+    """Processes NVFlare starts must find this interpreter as ``python3`` and this checkout's packages."""
+    saved = {k: os.environ.get(k) for k in ("PATH", "PYTHONPATH", "OMP_NUM_THREADS")}
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved["PATH"] or ""])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), saved["PYTHONPATH"] or ""] if p)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def read_rounds(workspace: Path) -> list[dict[str, Any]]:
+    """Per-round site metrics the job's server wrote (``metrics/round_metrics.jsonl``), flattened."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted(workspace.rglob("round_metrics.jsonl")):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            with contextlib.suppress(json.JSONDecodeError):
+                r = json.loads(line)
+                sites = {
+                    s["name"]: {m["name"]: m["value"] for m in s.get("metrics", [])} | {"_weight": s.get("weight")}
+                    for s in r.get("sites", [])
+                }
+                rows.append({"round": int(r["round"]), "sites": sites, "raw": r})
+    by_round = {r["round"]: r for r in rows}  # POC: the server's copy and the downloaded one
+    return [by_round[k] for k in sorted(by_round)]
+
+
+def _print_round(row: dict[str, Any], total: int, n_sites: int) -> None:
+    parts = []
+    for site, m in sorted(row["sites"].items()):
+        eps = m.get("dp_epsilon")
+        dice = m.get("val_mean_dice", float("nan"))
+        parts.append(f"{site} Dice {dice:.3f}" + (f" ε {eps:.2f}" if eps is not None else ""))
+    print(f"  round {row['round'] + 1}/{total}: {len(row['sites'])}/{n_sites} sites done | " + " | ".join(parts))
+
+
+def run_federated(config: dict[str, Any], workspace: Path, *, poc: bool) -> Path:
+    """Run the job with ``fetal-fl fl run --sim|--poc`` in a child process (NVFlare's logs go to a file), printing
+    each round as the server records it; return the folder holding the job's results."""
+    from nvflare_jobs.config import JobConfig
+
+    cfg = JobConfig.from_dict(config)  # fail here, with the key's name, before anything starts
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    workspace.mkdir(parents=True)
+    config_file = workspace.parent / f"{cfg.name}.json"
+    config_file.write_text(json.dumps(config, indent=2))
+    log_path = workspace.parent / f"{cfg.name}.log"
+    cmd = [sys.executable, "-m", "fetal_fl.cli", "fl", "run", "--poc" if poc else "--sim"]
+    cmd += ["--config", str(config_file), "--workspace", str(workspace)]
+    shown = 0
+    with fl_environment(), log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        try:
+            while proc.poll() is None:
+                time.sleep(2.0)
+                rows = read_rounds(workspace)
+                for row in rows[shown:]:
+                    _print_round(row, cfg.num_rounds, len(cfg.sites))
+                shown = max(shown, len(rows))
+        except BaseException:
+            proc.terminate()  # Ctrl-C or an error here: stop the job (its own cleanup stops a POC system)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    for row in read_rounds(workspace)[shown:]:
+        _print_round(row, cfg.num_rounds, len(cfg.sites))
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"federated job {cfg.name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    job_dir = workspace / "result" if poc else workspace / cfg.name
+    if not list(job_dir.rglob("fetal_brain_best.pt")):
+        raise RuntimeError(f"federated job {cfg.name} wrote no fetal_brain_best.pt under {job_dir}; log {log_path}")
+    return job_dir
+
+
+def best_checkpoint(job_dir: Path) -> Path:
+    """The job's best global model in bundle format (written by nvflare_jobs.checkpoint)."""
+    found = sorted(job_dir.rglob("fetal_brain_best.pt"))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one fetal_brain_best.pt under {job_dir}, found {len(found)}")
+    return found[0]
+
+
+def evaluate_checkpoint(path: Path, splits: list[Any], bundle: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Score a checkpoint on every site's held-out (test) cases: the cases every experiment is scored on."""
+    from fetalseg.bundle import load_checkpoint
+    from fetalseg.evaluation import evaluate_cases
+    from fetalseg.metrics import summarize
+
+    net = bundle.network()
+    info = load_checkpoint(net, path)
+    net.eval()
+    scores = evaluate_cases(net, [c for s in splits for c in s.test], bundle=bundle, with_hd95=True)
+    return scores, {"summary": summarize(scores), "info": {k: v for k, v in info.items() if _plain(v)}}
+
+
+def _plain(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def final_epsilon(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each site's cumulative ε after its last reported round."""
+    eps: dict[str, float] = {}
+    for row in rows:
+        for site, m in row["sites"].items():
+            if m.get("dp_epsilon") is not None:
+                eps[site] = float(m["dp_epsilon"])
+    return eps
+
+
+def install_into_app(checkpoint: Path, model_path: Path, variant: str | None) -> dict[str, Any]:
+    """The app's own install (checks, provenance) into a demo-local served model path (the repo's stays as is)."""
+    from apps.fetal_brain.lib.config import AppConfig
+    from apps.fetal_brain.lib.exchange import install_model
+    from apps.fetal_brain.lib.model_store import ModelStore
+
+    conf: dict[str, Any] = {"model_path": str(model_path)}
+    if variant:
+        conf["variant"] = variant
+    config = AppConfig.from_conf(conf)
+    bundle = config.bundle("inference")
+    store = ModelStore(config.resolved_model_path(bundle), bundle=bundle, device=config.device)
+    return install_model(checkpoint, store=store)
+
+
+def server_command(studies: Path, model_path: Path, variant: str | None, port: int) -> list[str]:
+    """The one command that starts the MONAI Label server with the installed model on 127.0.0.1."""
+    cmd = ["fetal-fl", "app", "serve", "--studies", str(studies.resolve()), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--model-path", str(model_path.resolve())]
+    if variant:
+        cmd += ["--conf", "variant", variant]
+    return cmd
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _copy_studies(splits: list[Any], studies: Path) -> list[str]:
+    """Held-out images (no labels) as the app's studies folder: what a radiologist would open."""
+    if studies.exists():
+        shutil.rmtree(studies)
+    studies.mkdir(parents=True)
+    names = []
+    for s in splits:
+        for c in s.test:
+            src = Path(c.image)
+            name = f"{s.site}_{src.name}"
+            shutil.copyfile(src, studies / name)
+            names.append(name)
+    return names
+
+
+# -- the demo ------------------------------------------------------------------------------------------------------
 def run_demo(args: argparse.Namespace) -> int:
-    from fetalseg.baseline import load_sites, train_and_evaluate, write_report
+    """Run every step; each step prints what it did, the report collects it all."""
+    from fetal_fl.report import DemoRun, write_report
+    from fetalseg.baseline import load_sites, train_and_evaluate
     from fetalseg.bundle import Bundle
     from fetalseg.data.federation import write_federation
-    from fetalseg.metrics import format_table
 
-    cfg = QUICK if args.quick else DEFAULT
-    out: Path = args.out
-    data = out / "data"
+    size = SIZES["quick" if args.quick else (args.size or "default")]
+    rounds = int(args.rounds or size.rounds)
+    if rounds < 1 or args.sites < 2:
+        raise ValueError("--rounds must be >= 1 and --sites >= 2")
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"[1/3] synthesizing {args.sites} sites × {cfg['cases']} cases of {cfg['size']}³ into {data}")
-    sites = write_federation(
-        data,
-        n_sites=args.sites,
-        cases_per_site=cfg["cases"],
-        shape=(cfg["size"],) * 3,
-        seed=args.seed,
-        progress=True,
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = time.perf_counter() - t0
+
+    steps = 6
+    t0 = time.perf_counter()
+    print(f"[1/{steps}] synthesizing {args.sites} sites × {size.cases} cases of {size.shape}³ into {out / 'data'}")
+    site_dirs = write_federation(
+        out / "data", n_sites=args.sites, cases_per_site=size.cases, shape=(size.shape,) * 3, seed=args.seed,
         overwrite=True,
+    )  # fmt: skip
+    sites = [p.name for p in site_dirs]
+    splits = load_sites(site_dirs, seed=args.seed)
+    bundle = Bundle("train", variant=size.variant)
+    lap("synthesize", t0)
+
+    mode = "POC (nvflare job submit)" if args.poc else "simulator"
+    print(f"[2/{steps}] federated training in NVFlare's {mode}: {rounds} rounds, DP-SGD + percentile sharing, "
+          f"site policies '{POLICY_SCOPE}'")  # fmt: skip
+    t0 = time.perf_counter()
+    cfg = job_config(size, out / "data", sites, rounds=rounds, seed=args.seed, private=True, poc=args.poc)
+    print(f"  DP-SGD plan: {cfg['privacy']['dp_sgd']} (ε target = 0.9 × the smallest max ε of the site policies)")
+    (out / "fl").mkdir(exist_ok=True)
+    job_dir = run_federated(cfg, out / "fl" / "private", poc=args.poc)
+    private_rows = read_rounds(job_dir)
+    lap("federated_private", t0)
+
+    print(f"[3/{steps}] evaluating on every site's held-out cases; baselines at the same budget ({rounds} epochs)")
+    t0 = time.perf_counter()
+    experiments: list[Experiment] = []
+    ckpt = best_checkpoint(job_dir)
+    scores, fl_eval = evaluate_checkpoint(ckpt, splits, bundle)
+    experiments.append(Experiment("federated+privacy", fl_eval["summary"], scores, final_epsilon(private_rows), ckpt))
+    plain_rows: list[dict[str, Any]] = []
+    if size.plain_fedavg:
+        print("  FedAvg without privacy (same job, no DP-SGD, no filters)")
+        plain_cfg = job_config(size, out / "data", sites, rounds=rounds, seed=args.seed, private=False, poc=args.poc)
+        plain_dir = run_federated(plain_cfg, out / "fl" / "plain", poc=args.poc)
+        plain_rows = read_rounds(plain_dir)
+        s, ev = evaluate_checkpoint(best_checkpoint(plain_dir), splits, bundle)
+        experiments.append(Experiment("federated", ev["summary"], s, None, best_checkpoint(plain_dir)))
+        print(f"  federated (no privacy): mean Dice {ev['summary']['all']['mean']['dice']:.3f}")
+    budget = dict(max_epochs=rounds, time_budget_s=None, val_interval=1, seed=args.seed, with_hd95=True)
+    central = train_and_evaluate(
+        splits, train_sites=sites, name="centralized", bundle=bundle, checkpoint=out / "centralized" / "model.pt",
+        **budget,
+    )  # fmt: skip
+    experiments.append(Experiment("centralized", central.summary, central.scores, None, central.checkpoint))
+    for site in sites:
+        r = train_and_evaluate(
+            splits, train_sites=[site], name=f"single-site {site}", bundle=bundle,
+            checkpoint=out / "single" / site / "model.pt", **budget,
+        )  # fmt: skip
+        experiments.append(Experiment(f"single-site {site}", r.summary, r.scores, None, r.checkpoint))
+        print(f"  single-site {site}: mean Dice {r.summary['all']['mean']['dice']:.3f}")
+    print(f"  centralized: mean Dice {central.summary['all']['mean']['dice']:.3f}")
+    print(f"  federated+privacy: mean Dice {fl_eval['summary']['all']['mean']['dice']:.3f}")
+    lap("evaluate_and_baselines", t0)
+
+    print(f"[4/{steps}] installing the best global model into the MONAI Label app")
+    t0 = time.perf_counter()
+    model_path = out / "app" / "model.pt"
+    installed = install_into_app(ckpt, model_path, size.variant)
+    studies = out / "studies"
+    _copy_studies(splits, studies)
+    command = server_command(studies, model_path, size.variant, args.port)
+    lap("install", t0)
+
+    print(f"[5/{steps}] writing the report")
+    t0 = time.perf_counter()
+    run = DemoRun(
+        out=out, size=size.name, shape=size.shape, cases_per_site=size.cases, variant=size.variant, rounds=rounds,
+        mode=mode, sites=sites, splits=splits, bundle=bundle, experiments=experiments, private_rows=private_rows,
+        plain_rows=plain_rows, job_config=cfg, job_dir=job_dir, installed=installed, server_command=command,
+        timings=timings, fl_info=fl_eval["info"],
+    )  # fmt: skip
+    report = write_report(run)
+    lap("report", t0)
+    total = time.perf_counter() - start
+    (out / "demo_summary.json").write_text(
+        json.dumps(
+            {
+                "report": str(report),
+                "installed_model": str(model_path),
+                "server_command": command,
+                "next_steps": next_steps(command),
+                "seconds": round(total, 1),
+                "timings": {k: round(v, 1) for k, v in timings.items()},
+            },
+            indent=2,
+        )
     )
-    bundle = Bundle("train", variant=cfg["variant"])
-    splits = load_sites(sites, seed=args.seed)
-    print(f"[2/3] training the centralized baseline (≤ {cfg['epochs']} epochs, ≤ {cfg['minutes']:.0f} min)")
-    result = train_and_evaluate(
-        splits,
-        train_sites=[s.site for s in splits],
-        name="centralized",
-        bundle=bundle,
-        max_epochs=cfg["epochs"],
-        time_budget_s=cfg["minutes"] * 60,
-        checkpoint=out / "centralized" / "model.pt",
-        seed=args.seed,
-        progress=True,
-    )
-    json_path, md_path = write_report(result, out / "centralized")
-    print("[3/3] held-out Dice per site and tissue:\n")
-    print(format_table(result.summary, metric="dice"))
-    print(f"\nreport: {md_path}\nmetrics: {json_path}\nmodel: {result.checkpoint}")
-    print(f"done in {time.perf_counter() - start:.0f} s")
+
+    print(f"[6/{steps}] done in {total:.0f} s. Report: {report}\n")
+    print("Next steps:")
+    for line in next_steps(command):
+        print(f"  {line}")
+    if args.serve:
+        print("\nstarting the server (Ctrl-C stops it) ...")
+        with contextlib.suppress(KeyboardInterrupt):
+            subprocess.run(command, check=False)
     return 0
+
+
+def next_steps(command: list[str]) -> list[str]:
+    """What a new user does after the demo: start the server, connect Slicer, look at the model."""
+    host = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
+    model_path = command[command.index("--model-path") + 1]
+    conf = command[command.index("--conf") :] if "--conf" in command else []
+    return [
+        "1. start the MONAI Label server (127.0.0.1 only):",
+        "   " + " ".join(command),
+        f"2. in 3D Slicer (5.2+), install the FetalSeg module (slicer_extension/README.md), enter {host}, press "
+        "Connect, then 'Next case' -> segment -> correct in the Segment Editor -> 'Submit'.",
+        "3. what the server serves (origin, job id, round, validation Dice):",
+        "   " + " ".join(["fetal-fl", "app", "model-info", "--model-path", model_path, *conf]),
+    ]
