@@ -371,6 +371,10 @@ def test_misuse_is_refused(tiny_bundle, make_loader):
     # stepping on batches that did not come from the Poisson loader would make ε wrong
     with pytest.raises(RuntimeError, match="without a batch from the engine's Poisson loader"):
         train_step(model, next(iter(plain_loader)), optimizer, engine.wrap_loss(tiny_bundle.loss()))
+    # vmap mode: a loss that is not the engine's has nothing to back-propagate (it cannot train without DP)
+    assert engine.config.grad_sample_mode == "vmap"
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        train_step(model, next(iter(plain_loader)), optimizer, tiny_bundle.loss())
     assert engine.steps == 0
 
 
