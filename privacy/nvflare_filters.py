@@ -208,15 +208,23 @@ class ClientDPFilter(_FailClosedDXOFilter):
             accountant=accountant,
         )
         super().__init__()
-        self.accountant = ClientDPAccountant(config=self.config, state_path=state_path)
+        # NVFlare's job exporter rebuilds a filter from its constructor arguments found as same-named attributes:
+        # keep each one (plain values), and keep the accountant object under another name.
+        self.clip_norm = clip_norm
+        self.noise_multiplier = noise_multiplier
+        self.delta = delta
+        self.adjacency = adjacency
+        self.accountant = accountant
+        self.state_path = state_path
+        self.client_accountant = ClientDPAccountant(config=self.config, state_path=state_path)
         self._rng = np.random.default_rng()
 
     def filter_update(self, dxo: DXO, fl_ctx: FLContext) -> DXO:
         arrays, torch_in = _to_numpy(dxo.data)
         check_update(arrays)
         noised, report = clip_and_noise(arrays, config=self.config, rng=self._rng)
-        self.accountant.step()
-        report.details.update(self.accountant.report())
+        self.client_accountant.step()
+        report.details.update(self.client_accountant.report())
         self._log_report(report, fl_ctx)
         return DXO(
             data_kind=DataKind.WEIGHT_DIFF, data=_from_numpy(noised, torch_in), meta=_add_report(dxo.meta, report)

@@ -148,7 +148,7 @@ def test_client_dp_filter_noises_reports_and_counts_rounds(fl_ctx, tmp_path):
     assert report["norm_before"] > 0.5 and report["details"]["norm_clipped"] == pytest.approx(0.5)
     assert not np.array_equal(first.data["conv1.weight"], second.data["conv1.weight"])  # fresh noise each round
     restarted = ClientDPFilter(clip_norm=0.5, noise_multiplier=2.0, delta=1e-5, state_path=str(tmp_path / "cdp.json"))
-    assert restarted.accountant.rounds == 2
+    assert restarted.client_accountant.rounds == 2
 
 
 @pytest.mark.parametrize("kwargs", [{"clip_norm": 0.0}, {"noise_multiplier": -1.0}, {"delta": 1.5}])

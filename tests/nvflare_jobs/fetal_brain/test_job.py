@@ -146,3 +146,15 @@ def test_job_py_exports_from_the_command_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "fetal_brain_fedavg" / "meta.json").is_file()
+
+
+def test_client_level_dp_filter_exports_with_its_parameters(tmp_path: Path) -> None:
+    """NVFlare rebuilds filters from same-named attributes: every ClientDPFilter argument must survive export."""
+    cfg = json.loads(DEFAULT_CONFIG.read_text())
+    cfg["privacy"] = {"filters": [{"type": "client_dp", "clip_norm": 0.5, "noise_multiplier": 1.2}]}
+    job = export_job(cfg, tmp_path)
+    dp = [f for f in _filters(_read(job, "app_site-1")) if f[1] == "privacy.nvflare_filters.ClientDPFilter"]
+    assert len(dp) == 1
+    args = dp[0][2]
+    assert args["clip_norm"] == 0.5 and args["noise_multiplier"] == 1.2
+    assert args.get("accountant", "rdp") == "rdp"  # the exporter leaves default values out
