@@ -31,6 +31,17 @@ def wait_for_training(client, *, timeout: float = TRAIN_TIMEOUT_S) -> dict:
     raise AssertionError(f"training did not finish within {timeout} s: {client.train_status()}")
 
 
+@pytest.fixture(autouse=True)
+def no_training_left_running(server, client):
+    """Each test starts from an idle server and leaves one: a training that outlives its test would make the
+    next test's POST /train a 429 (one training at a time)."""
+    yield
+    status = client.train_status() or {}
+    if status.get("status") in ("SUBMITTED", "RUNNING"):
+        requests.delete(f"{server.url}/train/", timeout=60)
+    wait_for_training(client)
+
+
 def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -39,8 +50,6 @@ def test_fine_tune_publishes_and_inference_reloads(server, client):
     before = client.info()["model"]
     task = client.train_start(MODEL, {"max_epochs": 1, "publish": "always", "val_fraction": 0.5})
     assert task["status"] in ("SUBMITTED", "RUNNING")
-    busy = requests.post(f"{server.url}/train/{MODEL}", json={"max_epochs": 1}, timeout=30)
-    assert busy.status_code == 429  # one training at a time
     status = wait_for_training(client)
     assert status["status"] == "DONE", "\n".join(status.get("details", []))
 
@@ -67,6 +76,9 @@ def test_stopping_training_keeps_a_whole_model(server, client):
     deadline = time.monotonic() + 120
     while client.train_status()["status"] != "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.5)
+    assert client.train_status()["status"] == "RUNNING"
+    busy = requests.post(f"{server.url}/train/{MODEL}", json={"max_epochs": 1}, timeout=30)
+    assert busy.status_code == 429  # one training at a time
     result_file, _ = client.infer(MODEL, "case03", {})  # inference while training runs
     assert nib.load(result_file).shape == (32, 32, 32)
     stopped = client.train_stop()
