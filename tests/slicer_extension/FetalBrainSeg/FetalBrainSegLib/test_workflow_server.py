@@ -91,6 +91,11 @@ def test_full_flow_connect_next_case_segment_correct_submit_finetune(server, wor
         assert workflow.next_case("random") is not None
     finally:
         stopped = workflow.stop_finetune()
+        # a stop that arrives while the task is still queued is applied when the server gets to it: poll
+        deadline = time.monotonic() + 120
+        while stopped.state in ("submitted", "running") and time.monotonic() < deadline:
+            time.sleep(1)
+            stopped = workflow.stop_finetune() if stopped.state == "running" else workflow.training_status()
     assert stopped.state in ("stopped", "done", "error"), stopped.message
 
 
