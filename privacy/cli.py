@@ -1,4 +1,4 @@
-"""``fetal-fl privacy ...``: the site ledger (init, show, set-budget, check) and ε / noise calculators.
+"""``fetal-fl privacy ...``: the site ledger (init, show, set-budget, check, release) and ε / noise calculators.
 
 For site admins (who set and read budgets) and ML engineers (who pick the noise for a target ε).
 """
@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
 
     ledger = sub.add_parser(
         "ledger",
-        help="the site's privacy ledger: init, show, set-budget, check",
+        help="the site's privacy ledger: init, show, set-budget, check, release",
         description="The ledger records the ε each dataset of this site has spent in every job; a job whose plan "
         "would exceed the budget is refused before training.",
     )
@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
 
     q = lsub.add_parser(
         "show",
-        help="print budget, spent and remaining ε per dataset, and each job's spend",
+        help="print budget, spent, reserved and remaining ε per dataset, reservations, and each job's spend",
         description="Print the ledger as Markdown tables (or JSON with --json). Fails on a missing or corrupt file.",
     )
     q.add_argument("path", type=Path, help="ledger file")
@@ -75,13 +75,28 @@ def register(subparsers: Any) -> None:
     q = lsub.add_parser(
         "check",
         help="would a job planning ε fit? (exit 0 yes, 1 no)",
-        description="Check a planned ε against a dataset's remaining budget without recording anything.",
+        description="Check a planned ε against a dataset's remaining budget (budget − spent − reserved by "
+        "running jobs) without recording or reserving anything.",
     )
     q.add_argument("path", type=Path, help="ledger file")
     q.add_argument("--dataset", required=True, help="dataset id")
     q.add_argument("--epsilon", type=float, required=True, help="planned ε of the job")
     q.add_argument("--delta", type=float, required=True, help="δ of the job")
     q.set_defaults(handler=_ledger_check)
+
+    q = lsub.add_parser(
+        "release",
+        help="release a crashed job's reservation (its unspent ε; what it spent stays counted)",
+        description="A job reserves its planned ε before training and releases the unspent part when it ends "
+        "cleanly. A job that crashed keeps its reservation, which counts against the budget until an admin "
+        "releases it here. Make sure the job is not running (see host and pid in `ledger show`): what a job "
+        "spends after its release still counts, but it is no longer held for it.",
+    )
+    q.add_argument("path", type=Path, help="ledger file")
+    q.add_argument("--dataset", required=True, help="dataset id of the reservation")
+    q.add_argument("--job", required=True, help="job id of the reservation")
+    q.add_argument("--note", default="", help="why (kept in the ledger)")
+    q.set_defaults(handler=_ledger_release)
 
     q = sub.add_parser(
         "epsilon",
@@ -150,6 +165,17 @@ def _ledger_set_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_release(args: argparse.Namespace) -> int:
+    try:
+        ledger = SiteLedger(args.path)
+        freed = ledger.release(job_id=args.job, dataset_id=args.dataset, admin=True, note=args.note)
+    except (LedgerError, ValueError) as exc:
+        return _fail(exc)
+    print(f"released job {args.job}'s reservation on {args.dataset}: unspent ε={freed:.4g} given back")
+    print(ledger.format_table())
+    return 0
+
+
 def _ledger_check(args: argparse.Namespace) -> int:
     try:
         ledger = SiteLedger(args.path)
@@ -161,7 +187,8 @@ def _ledger_check(args: argparse.Namespace) -> int:
         return _fail(exc)
     print(
         f"OK: dataset {args.dataset} budget ε={status.budget.epsilon:.4g}, spent {status.spent.epsilon:.4g}, "
-        f"job plans {args.epsilon:.4g}, left after the job {status.remaining_epsilon - args.epsilon:.4g}"
+        f"reserved by running jobs {status.reserved_epsilon:.4g}, job plans {args.epsilon:.4g}, "
+        f"left after the job {status.remaining_epsilon - args.epsilon:.4g}"
     )
     return 0
 

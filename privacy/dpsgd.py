@@ -16,7 +16,7 @@ Typical use in a federated client (the engine lives for the whole job)::
 
     engine = SitePrivacyEngine(config=DPSGDConfig.from_dict(cfg), dataset_size=len(ds), batch_size=2,
                                state_path=workspace / "dp_state.json")
-    engine.check_budget(ledger, dataset_id=..., job_id=...)          # before any training
+    engine.reserve(ledger, dataset_id=..., job_id=...)               # before any training (atomic check + hold)
     model, optimizer, loader = engine.make_private(model=net, optimizer=opt, data_loader=loader)
     loss_fn = engine.wrap_loss(bundle.loss())                         # required (vmap: computes the gradients)
     for rnd in rounds:
@@ -24,6 +24,7 @@ Typical use in a federated client (the engine lives for the whole job)::
         train_epoch(model, loader, optimizer, loss_fn, device=device)   # fetalseg.training
         engine.record(ledger, job_id=..., dataset_id=..., round=rnd)   # before sending
         send(engine.unwrapped_state_dict(), metrics | engine.report())
+    engine.release(ledger, dataset_id=..., job_id=...)               # clean end: unspent ε given back
 """
 
 from __future__ import annotations
@@ -60,6 +61,17 @@ from privacy.ledger import DatasetStatus, PrivacyBudgetExceeded, SiteLedger
 log = logging.getLogger(__name__)
 
 SCOPE = "sample-level DP, per site"
+# Said wherever ε is reported: what the guarantee does not cover (docs/privacy.md, "Not covered by ε").
+NOT_COVERED = (
+    "NOT covered by ε: the validation metrics (Dice, loss, case and step counts) a site reports to the server each "
+    "round, computed without noise; the number of training cases N (it sets the sample rate); hyper-parameters "
+    "chosen by looking at the data; side channels (timing, floating-point and RNG-state attacks)"
+)
+# Where the noise comes from (no CSPRNG: Opacus's secure_mode needs torchcsprng, which has no build for this torch).
+NOISE_SOURCE = (
+    "torch.Generator (Mersenne Twister on CPU, Philox on GPU) seeded from os.urandom for each job's engine: not "
+    "reproducible from any job-config seed, but not a cryptographically secure generator"
+)
 # Per-sample gradient methods: Opacus's three that work on the bundle's 3D U-Net ("ew" cannot handle
 # conv_transpose3d) and this module's "vmap". The default is chosen by bench/bench_dp.py on this model
 # (bench/results/dp.md).
@@ -484,7 +496,13 @@ class SitePrivacyEngine:
         self._wrapped: nn.Module | None = None
         self._optimizer: DPOptimizer | None = None
         self._loader: PoissonDataLoader | None = None
-        self._generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        # Poisson sampling (CPU) and noise (on the model's device, made in make_private) use the engine's own
+        # generators. Without a config seed they are seeded from os.urandom: never from torch's global generator,
+        # which a federated client seeds from the job config (reproducible initialisation) and which Opacus would
+        # otherwise use — anyone holding the config could then regenerate the noise and subtract it.
+        self._sampling_generator = _new_generator(config.seed, torch.device("cpu"))
+        self._noise_generator: torch.Generator | None = None
+        self.noise_source = NOISE_SOURCE if config.seed is None else f"seeded from the job config (seed={config.seed})"
         if config.seed is not None:
             log.warning("DP-SGD noise and sampling are seeded (seed=%d): reproducible, so NOT private", config.seed)
         if self.state_path is not None and self.state_path.exists():
@@ -549,7 +567,23 @@ class SitePrivacyEngine:
             "expected_batch_size": self.expected_batch_size,
             "grad_sample_mode": self.config.grad_sample_mode,
             "scope": SCOPE,
+            "noise_source": self.noise_source,
+            "not_covered": NOT_COVERED,
         }
+
+    def summary(self) -> str:
+        """The job's ε in one plain sentence, with what it covers and what it does not (for logs and reports)."""
+        plan = (
+            f" of the {self.planned_steps} planned (ε={self.planned_epsilon:.3g} at the end of the plan)"
+            if self.planned_steps is not None
+            else ""
+        )
+        return (
+            f"DP-SGD ({SCOPE}): ε={self.epsilon:.3g} at δ={self.config.delta:g} ({self.config.accountant} "
+            f"accountant) after {self.steps} steps{plan}; σ={self.noise_multiplier:.3g}, clip "
+            f"C={self.max_grad_norm:g}, Poisson sample rate q={self.sample_rate:.3g}. ε covers the weights this "
+            f"site sends. {NOT_COVERED}. Noise: {self.noise_source}."
+        )
 
     # -- ledger ----------------------------------------------------------------------------------------------------
     def check_budget(self, ledger: SiteLedger, *, dataset_id: str, job_id: str | None = None) -> DatasetStatus:
@@ -562,6 +596,41 @@ class SitePrivacyEngine:
         return ledger.check_budget(
             dataset_id=dataset_id, planned_epsilon=planned, delta=self.config.delta, job_id=job_id
         )
+
+    def reserve(self, ledger: SiteLedger, *, dataset_id: str, job_id: str) -> DatasetStatus:
+        """Reserve this job's planned ε in the site ledger before any training (check + hold, atomically).
+
+        Raises :class:`PrivacyBudgetExceeded` if spent + reserved by other jobs + this plan exceeds the dataset's
+        budget: two jobs starting at once at one site cannot both pass when together they would overspend. The
+        reservation survives a crash (it then counts until an admin releases it); call :meth:`release` at a clean
+        end. Calling it again for the same job (a restarted client) is allowed.
+        """
+        planned = self.planned_epsilon
+        if planned is None:
+            raise ValueError(
+                "cannot reserve a privacy budget without a plan: set planned_steps or planned_rounds + local_epochs"
+            )
+        return ledger.reserve(
+            job_id=job_id,
+            dataset_id=dataset_id,
+            epsilon=planned,
+            delta=self.config.delta,
+            planned_steps=self.planned_steps,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            accountant=self.config.accountant,
+            scope=SCOPE,
+        )
+
+    def release(self, ledger: SiteLedger, *, dataset_id: str, job_id: str) -> float:
+        """At the job's clean end (after its last :meth:`record`): give back the unspent part of its reservation.
+
+        Returns the ε given back (0.0 if the job held no reservation, e.g. an admin already released it).
+        What the job spent stays in the ledger.
+        """
+        freed = ledger.release(job_id=job_id, dataset_id=dataset_id, missing_ok=True)
+        log.info("job %s released its reservation on %s: ε=%.4g unspent given back", job_id, dataset_id, freed)
+        return freed
 
     def record(self, ledger: SiteLedger, *, job_id: str, dataset_id: str, round: int) -> DatasetStatus:
         """Write this job's cumulative ε to the ledger (do it before sending the round's update)."""
@@ -612,6 +681,11 @@ class SitePrivacyEngine:
             extra = {"max_grad_norm": self.max_grad_norm} if mode == "ghost" else {}
             wrapped = prepare_module(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra)
             wrapped.forbid_grad_accumulation()
+        first = next(iter(model.parameters()), None)
+        self._noise_generator = _new_generator(
+            None if self.config.seed is None else self.config.seed + 1,
+            first.device if first is not None else torch.device("cpu"),
+        )
         optim_class = get_optimizer_class(
             clipping="flat", distributed=False, grad_sample_mode="hooks" if mode == "vmap" else mode
         )
@@ -621,7 +695,7 @@ class SitePrivacyEngine:
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size,
             loss_reduction="mean",
-            generator=self._generator,
+            generator=self._noise_generator,
         )
         dp_optimizer.attach_step_hook(self._on_step)
         loader = PoissonDataLoader(
@@ -631,7 +705,7 @@ class SitePrivacyEngine:
             collate_fn=data_loader.collate_fn,
             num_workers=data_loader.num_workers,
             worker_init_fn=data_loader.worker_init_fn,
-            generator=self._generator,
+            generator=self._sampling_generator,
             on_empty=self._noise_only_step,
             on_batch=self._on_batch,
         )
@@ -767,6 +841,13 @@ class SitePrivacyEngine:
         self.empty_steps += 1
         self.save_state()
         log.debug("empty Poisson draw: noise-only step %d (accounted)", self.steps)
+
+
+def _new_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A private generator on ``device``: seeded with ``seed`` (tests), else with 63 bits from ``os.urandom``."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    return g
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,9 +11,17 @@ Safety rules, all fail-closed:
   silently reset or skipped.
 * Spending is recorded as it happens (one appended, fsync'ed JSON line per round), so a crashed job still counts.
 * A job's records carry its *cumulative* ε; the job counts with its largest recorded ε (and δ).
+* Concurrent jobs at one site cannot together overspend: a job *reserves* its planned ε before training
+  (:meth:`SiteLedger.reserve`: check and append under one exclusive file lock, fsync'ed), spends against the
+  reservation as it goes, and releases the unspent remainder at a clean end (:meth:`SiteLedger.release`). Every
+  check counts spent + reserved. A reservation of a crashed job keeps counting until an admin releases it
+  (``fetal-fl privacy ledger release``); what the job spent still counts after any release.
 
 File format: JSON Lines. The first line is ``{"type": "init", ...}`` with the default budget; then ``"budget"``
-lines (an admin changed one dataset's budget) and ``"spend"`` lines (a job's cumulative ε after a round).
+lines (an admin changed one dataset's budget), ``"spend"`` lines (a job's cumulative ε after a round),
+``"reserve"`` lines (a job's planned ε, held for it) and ``"release"`` lines (a reservation ended: the job ended
+cleanly, or an admin released a crashed job's). While a job's reservation is active the job counts with
+max(reserved, spent); after its release, with what it spent.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,12 +69,14 @@ class PrivacyBudgetExceeded(RuntimeError):  # noqa: N818 - the name the NVFlare 
         budget_epsilon: float | None = None,
         spent_epsilon: float | None = None,
         asked_epsilon: float | None = None,
+        reserved_epsilon: float | None = None,
     ) -> None:
         super().__init__(message)
         self.dataset_id = dataset_id
         self.budget_epsilon = budget_epsilon
         self.spent_epsilon = spent_epsilon
         self.asked_epsilon = asked_epsilon
+        self.reserved_epsilon = reserved_epsilon  # held by other jobs' reservations, not yet spent
 
 
 @dataclass(frozen=True)
@@ -86,16 +97,50 @@ class Spend:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """A job's active reservation on a dataset: its planned (ε, δ), held until the job releases it."""
+
+    job_id: str
+    dataset_id: str
+    epsilon: float
+    delta: float
+    time: str = ""
+    host: str = ""
+    pid: int | None = None
+    by: str = ""
+
+
+@dataclass(frozen=True)
 class DatasetStatus:
-    """One row of the ledger summary."""
+    """One row of the ledger summary.
+
+    ``reserved_epsilon`` / ``reserved_delta``: held by active reservations and not yet spent (a job with an active
+    reservation counts with max(reserved, spent)); ``committed_*`` = spent + reserved, what every check counts.
+    """
 
     dataset_id: str
     budget: Budget
     spent: Spend
+    reserved_epsilon: float = 0.0
+    reserved_delta: float = 0.0
+
+    @property
+    def committed_epsilon(self) -> float:
+        return self.spent.epsilon + self.reserved_epsilon
+
+    @property
+    def committed_delta(self) -> float:
+        return self.spent.delta + self.reserved_delta
 
     @property
     def remaining_epsilon(self) -> float:
-        return max(self.budget.epsilon - self.spent.epsilon, 0.0)
+        return max(self.budget.epsilon - self.committed_epsilon, 0.0)
+
+    @property
+    def over_budget(self) -> bool:
+        return self.committed_epsilon > self.budget.epsilon * (1 + _REL_TOL) or self.committed_delta > (
+            self.budget.delta * (1 + _REL_TOL)
+        )
 
 
 class SiteLedger:
@@ -179,6 +224,31 @@ class SiteLedger:
         out.delta = math.fsum(v[1] for v in out.jobs.values())
         return out
 
+    def reservations(self, dataset_id: str | None = None) -> list[Reservation]:
+        """Active reservations (reserved and not yet released), of one dataset or of all, in ledger order."""
+        active: dict[tuple[str, str], Reservation] = {}
+        for rec in self._records[1:]:
+            key = (rec.get("job_id", ""), rec.get("dataset_id", ""))
+            if rec["type"] == "reserve":
+                active.pop(key, None)  # a new reservation of the same job replaces its old one
+                active[key] = Reservation(
+                    job_id=rec["job_id"],
+                    dataset_id=rec["dataset_id"],
+                    epsilon=float(rec["epsilon"]),
+                    delta=float(rec["delta"]),
+                    time=str(rec.get("time", "")),
+                    host=str(rec.get("host", "")),
+                    pid=rec.get("pid") if isinstance(rec.get("pid"), int) else None,
+                    by=str(rec.get("by", "")),
+                )
+            elif rec["type"] == "release":
+                active.pop(key, None)
+        return [r for r in active.values() if dataset_id is None or r.dataset_id == dataset_id]
+
+    def reservation(self, *, dataset_id: str, job_id: str) -> Reservation | None:
+        """The job's active reservation on the dataset, or None."""
+        return next((r for r in self.reservations(dataset_id) if r.job_id == job_id), None)
+
     def datasets(self) -> list[str]:
         seen: dict[str, None] = {}
         for rec in self._records[1:]:
@@ -186,8 +256,20 @@ class SiteLedger:
                 seen.setdefault(rec["dataset_id"], None)
         return list(seen)
 
+    def dataset_status(self, dataset_id: str, *, exclude_job: str | None = None) -> DatasetStatus:
+        """Budget, spent and reserved-unspent of ``dataset_id`` (optionally leaving one job out of both)."""
+        spent = self.spent(dataset_id, exclude_job=exclude_job)
+        eps_parts, delta_parts = [], []
+        for res in self.reservations(dataset_id):
+            if res.job_id == exclude_job:
+                continue
+            job_eps, job_delta, _ = spent.jobs.get(res.job_id, (0.0, 0.0, -1))
+            eps_parts.append(max(res.epsilon - job_eps, 0.0))
+            delta_parts.append(max(res.delta - job_delta, 0.0))
+        return DatasetStatus(dataset_id, self.budget(dataset_id), spent, math.fsum(eps_parts), math.fsum(delta_parts))
+
     def status(self) -> list[DatasetStatus]:
-        return [DatasetStatus(d, self.budget(d), self.spent(d)) for d in self.datasets()]
+        return [self.dataset_status(d) for d in self.datasets()]
 
     # -- the checks ----------------------------------------------------------------------------------------------
     def check_budget(
@@ -195,41 +277,147 @@ class SiteLedger:
     ) -> DatasetStatus:
         """Raise :class:`PrivacyBudgetExceeded` unless ``planned_epsilon`` (and ``delta``) fit in what is left.
 
-        ``job_id``: a job being resumed; its own earlier records are part of its plan, so they are counted as
-        ``max(planned, already spent by this job)`` instead of twice.
+        What is left = budget − spent − reserved by other jobs. This only checks; two jobs that check at the same
+        time can both pass — a job that will train calls :meth:`reserve` instead, which checks and holds the ε
+        atomically. ``job_id``: a job being resumed; its own earlier records are part of its plan, so they are
+        counted as ``max(planned, already spent by this job)`` instead of twice (its own reservation is replaced
+        by the plan).
         """
-        _check_id("dataset_id", dataset_id)
-        if not _finite(planned_epsilon) or planned_epsilon <= 0:
-            raise ValueError(f"planned_epsilon must be a finite number > 0, got {planned_epsilon!r}")
-        if not _finite(delta) or not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+        _check_plan(dataset_id, planned_epsilon, delta)
         self.reload()
-        budget = self.budget(dataset_id)
-        others = self.spent(dataset_id, exclude_job=job_id)
+        return self._fit(dataset_id=dataset_id, planned_epsilon=planned_epsilon, delta=delta, job_id=job_id)
+
+    def _fit(self, *, dataset_id: str, planned_epsilon: float, delta: float, job_id: str | None) -> DatasetStatus:
+        others = self.dataset_status(dataset_id, exclude_job=job_id)
+        budget = others.budget
         own = self.spent(dataset_id).jobs.get(job_id, (0.0, 0.0, -1)) if job_id is not None else (0.0, 0.0, -1)
-        total_eps = others.epsilon + max(float(planned_epsilon), own[0])
-        total_delta = others.delta + max(float(delta), own[1])
-        spent_eps = others.epsilon + own[0]
+        total_eps = others.committed_epsilon + max(float(planned_epsilon), own[0])
+        total_delta = others.committed_delta + max(float(delta), own[1])
+        spent_eps = others.spent.epsilon + own[0]
+        n_reserving = sum(1 for r in self.reservations(dataset_id) if r.job_id != job_id)
         if total_eps > budget.epsilon * (1 + _REL_TOL) or total_delta > budget.delta * (1 + _REL_TOL):
             raise PrivacyBudgetExceeded(
                 f"privacy budget exceeded for dataset {dataset_id!r} (ledger {self.path}): "
                 f"budget ε={budget.epsilon:.4g} (δ={budget.delta:.3g}), already spent ε={spent_eps:.4g} "
-                f"(δ={others.delta + own[1]:.3g}) by {len(others.jobs) + (own[2] >= 0)} job(s), "
+                f"(δ={others.spent.delta + own[1]:.3g}) by {len(others.spent.jobs) + (own[2] >= 0)} job(s), "
+                f"reserved and not yet spent by {n_reserving} other running (or crashed, unreleased) job(s) "
+                f"ε={others.reserved_epsilon:.4g} (δ={others.reserved_delta:.3g}), "
                 f"this job asks ε={float(planned_epsilon):.4g} (δ={float(delta):.3g}); "
                 f"nothing was trained. Lower the job's ε or ask the site admin to change the budget.",
                 dataset_id=dataset_id,
                 budget_epsilon=budget.epsilon,
                 spent_epsilon=spent_eps,
                 asked_epsilon=float(planned_epsilon),
+                reserved_epsilon=others.reserved_epsilon,
             )
         log.info(
-            "privacy budget ok for %s: budget ε=%.4g, spent %.4g, job plans %.4g",
+            "privacy budget ok for %s: budget ε=%.4g, spent %.4g, reserved by others %.4g, job plans %.4g",
             dataset_id,
             budget.epsilon,
             spent_eps,
+            others.reserved_epsilon,
             planned_epsilon,
         )
-        return DatasetStatus(dataset_id, budget, self.spent(dataset_id))
+        return self.dataset_status(dataset_id)
+
+    # -- reservations ----------------------------------------------------------------------------------------------
+    def reserve(self, *, job_id: str, dataset_id: str, epsilon: float, delta: float, **details: Any) -> DatasetStatus:
+        """Hold ``epsilon`` (the job's planned ε) for ``job_id`` on ``dataset_id``, or raise PrivacyBudgetExceeded.
+
+        Atomic across processes: the ledger is read, checked (spent + reserved + this plan ≤ budget) and the
+        ``reserve`` record appended and fsync'ed under one exclusive lock of the ledger file, so two jobs that
+        reserve at the same time cannot both pass when together they exceed the budget. The reservation is durable:
+        if the job crashes it keeps counting until an admin runs ``fetal-fl privacy ledger release``.
+
+        Reserving again with the same job id (a restarted client) replaces its reservation; an identical one is
+        not written twice. Returns the dataset's status after the reservation.
+        """
+        _check_id("job_id", job_id)
+        _check_plan(dataset_id, epsilon, delta)
+
+        def decide() -> dict[str, Any] | None:
+            self._fit(dataset_id=dataset_id, planned_epsilon=epsilon, delta=delta, job_id=job_id)
+            current = self.reservation(dataset_id=dataset_id, job_id=job_id)
+            if current is not None and current.epsilon == float(epsilon) and current.delta == float(delta):
+                return None
+            return {
+                "type": "reserve",
+                "job_id": job_id,
+                "dataset_id": dataset_id,
+                "epsilon": float(epsilon),
+                "delta": float(delta),
+                "time": _now(),
+                "by": _user(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                **{k: v for k, v in details.items() if k not in _RESERVE_KEYS},
+            }
+
+        written = self._transact(decide)
+        status = self.dataset_status(dataset_id)
+        log.info(
+            "ledger %s: job %s %s ε=%.4g (δ=%g) on %s; dataset spent %.4g + reserved %.4g of %.4g",
+            self.path,
+            job_id,
+            "reserved" if written else "already holds",
+            epsilon,
+            delta,
+            dataset_id,
+            status.spent.epsilon,
+            status.reserved_epsilon,
+            status.budget.epsilon,
+        )
+        return status
+
+    def release(
+        self, *, job_id: str, dataset_id: str, admin: bool = False, note: str = "", missing_ok: bool = False
+    ) -> float:
+        """End ``job_id``'s reservation on ``dataset_id``; return the unspent ε it gave back (what it spent stays).
+
+        A job calls this at a clean end (``admin=False``). For a crashed job a site admin calls it
+        (``admin=True``, from ``fetal-fl privacy ledger release``) once sure the job is not running: a job that
+        keeps training after its release still records its spend, and that spend still counts. Without an active
+        reservation: :class:`LedgerError`, or 0.0 with ``missing_ok``.
+        """
+        _check_id("job_id", job_id)
+        _check_id("dataset_id", dataset_id)
+        released: list[float] = []
+
+        def decide() -> dict[str, Any] | None:
+            res = self.reservation(dataset_id=dataset_id, job_id=job_id)
+            if res is None:
+                if missing_ok:
+                    return None
+                raise LedgerError(
+                    f"privacy ledger {self.path}: job {job_id!r} holds no reservation on dataset {dataset_id!r} "
+                    f"(active: {[(r.job_id, r.dataset_id) for r in self.reservations()]})"
+                )
+            spent = self.spent(dataset_id).jobs.get(job_id, (0.0, 0.0, -1))[0]
+            released.append(max(res.epsilon - spent, 0.0))
+            return {
+                "type": "release",
+                "job_id": job_id,
+                "dataset_id": dataset_id,
+                "reason": "admin" if admin else "job end",
+                "released_epsilon": released[-1],
+                "note": str(note),
+                "time": _now(),
+                "by": _user(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }
+
+        self._transact(decide)
+        if released:
+            log.info(
+                "ledger %s: %s released job %s's reservation on %s (unspent ε=%.4g given back)",
+                self.path,
+                "admin" if admin else "the job",
+                job_id,
+                dataset_id,
+                released[0],
+            )
+        return released[0] if released else 0.0
 
     # -- appending -----------------------------------------------------------------------------------------------
     def record(
@@ -244,8 +432,9 @@ class SiteLedger:
     ) -> DatasetStatus:
         """Append the job's cumulative (ε, δ) after ``round`` (fsync'ed before returning).
 
-        The spend is written first: it happened. If the dataset is now over budget, the error is raised after the
-        write, so the caller stops (and sends nothing more).
+        The spend is written first: it happened. A job with a reservation spends against it. If the dataset's
+        spent + reserved is now over budget (this job spent more than it reserved, or took what others reserved),
+        the error is raised after the write, so the caller stops (and sends nothing more).
         """
         _check_id("job_id", job_id)
         _check_id("dataset_id", dataset_id)
@@ -266,26 +455,29 @@ class SiteLedger:
             **{k: v for k, v in details.items() if k not in _SPEND_KEYS},
         }
         self._append(rec)
-        status = DatasetStatus(dataset_id, self.budget(dataset_id), self.spent(dataset_id))
+        status = self.dataset_status(dataset_id)
         log.info(
-            "ledger %s: job %s round %d dataset %s cumulative ε=%.4g; dataset spent ε=%.4g of %.4g",
+            "ledger %s: job %s round %d dataset %s cumulative ε=%.4g; dataset spent ε=%.4g (+%.4g reserved) of %.4g",
             self.path,
             job_id,
             round,
             dataset_id,
             epsilon,
             status.spent.epsilon,
+            status.reserved_epsilon,
             status.budget.epsilon,
         )
         budget = status.budget
-        if status.spent.epsilon > budget.epsilon * (1 + _REL_TOL) or status.spent.delta > budget.delta * (1 + _REL_TOL):
+        if status.over_budget:
             raise PrivacyBudgetExceeded(
                 f"dataset {dataset_id!r} is now over its privacy budget: budget ε={budget.epsilon:.4g}, spent "
-                f"ε={status.spent.epsilon:.4g} (recorded in {self.path}); stop the job and send nothing more",
+                f"ε={status.spent.epsilon:.4g}, reserved by running jobs and not yet spent "
+                f"ε={status.reserved_epsilon:.4g} (recorded in {self.path}); stop the job and send nothing more",
                 dataset_id=dataset_id,
                 budget_epsilon=budget.epsilon,
                 spent_epsilon=status.spent.epsilon,
                 asked_epsilon=float(epsilon),
+                reserved_epsilon=status.reserved_epsilon,
             )
         return status
 
@@ -307,23 +499,40 @@ class SiteLedger:
 
     # -- display -------------------------------------------------------------------------------------------------
     def format_table(self) -> str:
-        """A Markdown table of budget, spent and remaining per dataset, then each job's spend."""
+        """Markdown tables: budget, spent, reserved and remaining per dataset; active reservations; each job's spend."""
         default = self.default_budget()
         lines = [
             f"Privacy ledger {self.path} (site {self.site or '?'}; default budget ε={default.epsilon:g}, "
             f"δ={default.delta:g} per dataset; jobs add up: basic composition)",
             "",
-            "| dataset | budget ε | spent ε | remaining ε | budget δ | spent δ | jobs |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| dataset | budget ε | spent ε | reserved ε (not yet spent) | remaining ε | budget δ | spent δ | jobs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         rows = self.status()
         for st in rows:
             lines.append(
-                f"| {st.dataset_id} | {st.budget.epsilon:.4g} | {st.spent.epsilon:.4g} | {st.remaining_epsilon:.4g} "
-                f"| {st.budget.delta:.3g} | {st.spent.delta:.3g} | {len(st.spent.jobs)} |"
+                f"| {st.dataset_id} | {st.budget.epsilon:.4g} | {st.spent.epsilon:.4g} | {st.reserved_epsilon:.4g} "
+                f"| {st.remaining_epsilon:.4g} | {st.budget.delta:.3g} | {st.spent.delta:.3g} | {len(st.spent.jobs)} |"
             )
         if not rows:
-            lines.append("| (no dataset has spent anything yet) | | | | | | |")
+            lines.append("| (no dataset has spent anything yet) | | | | | | | |")
+        reservations = self.reservations()
+        if reservations:
+            lines += [
+                "",
+                "Active reservations (a job's planned ε, held until it ends cleanly; a crashed job's reservation "
+                "counts until an admin runs `fetal-fl privacy ledger release <ledger> --dataset <id> --job <id>`):",
+                "",
+                "| dataset | job | reserved ε | δ | spent so far ε | not yet spent ε | since | host | pid |",
+                "|---|---|---:|---:|---:|---:|---|---|---:|",
+            ]
+            for r in reservations:
+                spent = self.spent(r.dataset_id).jobs.get(r.job_id, (0.0, 0.0, -1))[0]
+                lines.append(
+                    f"| {r.dataset_id} | {r.job_id} | {r.epsilon:.4g} | {r.delta:.3g} | {spent:.4g} "
+                    f"| {max(r.epsilon - spent, 0.0):.4g} | {r.time} | {r.host or '?'} "
+                    f"| {r.pid if r.pid is not None else '?'} |"
+                )
         jobs = [(st.dataset_id, job, v) for st in rows for job, v in st.spent.jobs.items()]
         if jobs:
             lines += ["", "| dataset | job | ε (cumulative) | δ | last round |", "|---|---|---:|---:|---:|"]
@@ -331,15 +540,21 @@ class SiteLedger:
         return "\n".join(lines)
 
     # -- internals -----------------------------------------------------------------------------------------------
+    def _not_found(self) -> LedgerNotFoundError:
+        return LedgerNotFoundError(
+            f"no privacy ledger at {self.path}. It is never created implicitly (that would reset the spent ε "
+            f"to zero): a site admin creates it once with `fetal-fl privacy ledger init {self.path} "
+            f"--epsilon <budget> --delta <budget>`"
+        )
+
     def _load(self) -> list[dict[str, Any]]:
         if not self.path.exists():
-            raise LedgerNotFoundError(
-                f"no privacy ledger at {self.path}. It is never created implicitly (that would reset the spent ε "
-                f"to zero): a site admin creates it once with `fetal-fl privacy ledger init {self.path} "
-                f"--epsilon <budget> --delta <budget>`"
-            )
+            raise self._not_found()
         with _locked(self.path, "r", fcntl.LOCK_SH) as fh:
             text = fh.read()
+        return self._parse(text)
+
+    def _parse(self, text: str) -> list[dict[str, Any]]:
         if not text:
             raise LedgerCorruptError(f"privacy ledger {self.path} is empty; restore it from backup (never reset)")
         lines = text.split("\n")
@@ -360,21 +575,47 @@ class SiteLedger:
             records.append(rec)
         return records
 
+    def _transact(self, decide: Callable[[], dict[str, Any] | None]) -> bool:
+        """Read, decide and append under ONE exclusive lock of the ledger file; return whether a record was written.
+
+        ``decide`` runs with ``self._records`` freshly read under the lock; it returns the record to append, None
+        to write nothing, or raises (nothing written). The append is flushed and fsync'ed before the lock is let go.
+        The file is never created here (``os.open`` without ``O_CREAT``).
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            raise self._not_found() from None
+        with os.fdopen(fd, "r+", encoding="utf-8") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                fh.seek(0)
+                self._records = self._parse(fh.read())
+                rec = decide()
+                if rec is None:
+                    return False
+                problem = _record_problem(rec, first=False)
+                if problem:  # never write what _load would refuse
+                    raise ValueError(problem)
+                line = _dumps(rec)
+                fh.seek(0, os.SEEK_END)
+                fh.write(line + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                self._records.append(json.loads(line))
+                return True
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
     def _append(self, rec: dict[str, Any]) -> None:
         problem = _record_problem(rec, first=False)
         if problem:  # never write what _load would refuse
             raise ValueError(problem)
-        line = _dumps(rec) + "\n"
-        if not self.path.exists():
-            raise LedgerNotFoundError(f"privacy ledger {self.path} disappeared; nothing recorded")
-        with _locked(self.path, "a", fcntl.LOCK_EX) as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._records = self._load()
+        self._transact(lambda: rec)
 
 
 _SPEND_KEYS = {"type", "job_id", "dataset_id", "epsilon", "delta", "round", "time"}
+_RESERVE_KEYS = {"type", "job_id", "dataset_id", "epsilon", "delta", "time", "by", "host", "pid"}
 
 
 def _record_problem(rec: Any, *, first: bool) -> str | None:
@@ -403,6 +644,17 @@ def _record_problem(rec: Any, *, first: bool) -> str | None:
         if not isinstance(rec.get("dataset_id"), str) or not rec["dataset_id"]:
             return "'dataset_id' must be a non-empty string"
         return _budget_problem(rec)
+    if kind in ("reserve", "release"):
+        for key in ("job_id", "dataset_id"):
+            if not isinstance(rec.get(key), str) or not rec[key]:
+                return f"'{key}' must be a non-empty string"
+        if kind == "release":
+            return None
+        if not _finite(rec.get("epsilon")) or rec["epsilon"] <= 0:
+            return f"bad reserved epsilon {rec.get('epsilon')!r}"
+        if not _finite(rec.get("delta")) or not 0 < rec["delta"] < 1:
+            return f"bad reserved delta {rec.get('delta')!r}"
+        return None
     return f"unknown record type {kind!r}"
 
 
@@ -420,6 +672,14 @@ def _check_budget_values(epsilon_budget: float, delta_budget: float) -> None:
         raise ValueError(f"epsilon budget must be a finite number > 0, got {epsilon_budget!r}")
     if not _finite(delta_budget) or not 0 < delta_budget < 1:
         raise ValueError(f"delta budget must be in (0, 1), got {delta_budget!r}")
+
+
+def _check_plan(dataset_id: Any, planned_epsilon: Any, delta: Any) -> None:
+    _check_id("dataset_id", dataset_id)
+    if not _finite(planned_epsilon) or planned_epsilon <= 0:
+        raise ValueError(f"planned_epsilon must be a finite number > 0, got {planned_epsilon!r}")
+    if not _finite(delta) or not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
 def _check_id(name: str, value: Any) -> None:

@@ -45,7 +45,7 @@ def test_init_show_set_budget_check(ledger_path, capsys):
     capsys.readouterr()
     assert run(["privacy", "ledger", "show", str(ledger_path)]) == 0
     out = capsys.readouterr().out
-    assert "| feta | 8 | 5 | 3 |" in out and "job-1" in out
+    assert "| feta | 8 | 5 | 0 | 3 |" in out and "job-1" in out
     assert (
         run(["privacy", "ledger", "check", str(ledger_path), "--dataset", "feta", "--epsilon", "4", "--delta", "1e-5"])
         == EXIT_OVER_BUDGET
