@@ -6,12 +6,21 @@ connected) and waits for every one of them; a single site that dies or whose upd
 site trains each round, and the round completes with the others as long as at least ``min_clients`` valid
 updates arrived. These subclasses change only that (targets, ``min_responses``, how long to wait for
 stragglers) and log which sites were left out; aggregation, persistence and model selection stay NVFlare's.
+
+Failed or rejected results are judged here, not by NVFlare's "dynamic" error mode: that mode may abort the run
+from the result thread while the round is still being closed, so whether the job stopped with its reason logged
+depended on thread timing. Here a failure is logged; once ``min_clients`` valid updates can no longer arrive the
+round's task is cancelled, and the round ends in :meth:`MinClientsMixin._get_aggregated_result`, which always
+states why the job stops.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.base_fedavg import _get_client_name
 from nvflare.app_common.workflows.fedavg import FedAvg
@@ -38,6 +47,9 @@ class MinClientsMixin:
         self.task_timeout_s = int(task_timeout_s)
         self._round_targets: list[str] = []
         self._round_accepted: list[str] = []
+        self._round_failed: set[str] = set()
+        self._round_task = None
+        self._ignore_result_error = True  # failures are judged by _accept_train_result below, never by a panic
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         clients = super().sample_clients(None)  # every connected site, never a random subset
@@ -51,6 +63,7 @@ class MinClientsMixin:
         if task_name == getattr(self, "task_name", "train"):
             self._round_targets = list(targets or [])
             self._round_accepted = []
+            self._round_failed = set()
             n_targets = len(targets) if targets else len(self.engine.get_clients())
             min_responses = min(self.min_clients, n_targets)
             timeout = self.task_timeout_s
@@ -64,6 +77,33 @@ class MinClientsMixin:
             blocking=False,
             callback=callback,
         )
+
+    def _prepare_task(self, data, task_name, timeout, callback):
+        task = super()._prepare_task(data=data, task_name=task_name, timeout=timeout, callback=callback)
+        if task_name == getattr(self, "task_name", "train"):
+            self._round_task = task
+        return task
+
+    def _accept_train_result(
+        self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False
+    ) -> bool:
+        rc = result.get_return_code()
+        if is_unknown_task or rc in (None, ReturnCode.OK):
+            return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
+        self.fl_ctx = fl_ctx
+        self._round_failed.add(client_name)
+        can_still = sorted(set(self._round_targets) - self._round_failed)
+        self.warning(
+            f"round {self.current_round}: no valid update from {client_name} (return code {rc}); "
+            f"{len(can_still)} site(s) may still send one {can_still}"
+        )
+        if len(can_still) < self.min_clients and self._round_task is not None:
+            self.warning(
+                f"round {self.current_round}: fewer than min_clients={self.min_clients} valid updates can arrive; "
+                "closing the round"
+            )
+            self.cancel_task(self._round_task)
+        return False
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
         accepted = super()._aggregate_one_result(result)

@@ -65,15 +65,12 @@ def test_rounds_go_on_without_the_failed_site_and_say_so(faulty_run) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="race (1 of 3 clean runs): NVFlare may still count the killed site-2 as a good client in round 3 and "
-    "wait for it instead of stopping; to be made deterministic (see the issue note)",
-)
 def test_the_job_stops_when_fewer_than_min_clients_remain(faulty_run) -> None:
     run, error = faulty_run
     log = _server_log(run)
-    assert re.search(r"round 3: only 1 valid update\(s\) \['site-1'\], fewer than min_clients=2", log)
+    # site-1's valid update may arrive before or after the round is closed on the two failures: 0 or 1 valid
+    assert re.search(r"round 3: only [01] valid update\(s\) \[('site-1')?\], fewer than min_clients=2", log)
+    assert "stopping the job" in log and "Cannot reach min_responses" not in log  # our reason, not a panic race
     assert "Round 3 started" in log and "Round 4 started" not in log
     assert isinstance(error, RuntimeError)  # the simulator reports the job as failed
 
