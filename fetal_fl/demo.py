@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -32,22 +33,32 @@ POLICY_SCOPE = "dp_required"  # the scope of each site's privacy.json the demo j
 
 @dataclass(frozen=True)
 class Size:
-    """One demo size: data, bundle variant and the shared training budget (epochs = FL rounds x local epochs)."""
+    """One demo size: data, bundle variant and the shared training budget (epochs = FL rounds x local epochs).
+
+    Every experiment (federated, centralized, single-site) gets ``rounds * local_epochs`` passes over its training
+    cases, so the comparison is at the same budget; the baselines validate once per round-equivalent.
+    """
 
     name: str
     shape: int
     cases: int
     variant: str | None
     rounds: int
+    local_epochs: int
     steps_per_epoch: int | None
     batch_size: int | None
     plain_fedavg: bool  # also run FedAvg without privacy (one more federated run)
 
+    @property
+    def epochs(self) -> int:
+        return self.rounds * self.local_epochs
+
 
 SIZES = {
-    "quick": Size("quick", 32, 4, "tiny", 3, None, 1, plain_fedavg=False),
-    "default": Size("default", 64, 8, None, 8, None, None, plain_fedavg=True),
-    "feta": Size("feta", 256, 8, "feta", 10, 4, 1, plain_fedavg=False),
+    "quick": Size("quick", 32, 4, "tiny", 3, 1, None, 1, plain_fedavg=False),
+    # 64³ × 10 cases/site (6 train / 2 val / 2 test, as bench/bench_baseline.py): 10 rounds × 6 local epochs
+    "default": Size("default", 64, 10, None, 10, 6, None, None, plain_fedavg=True),
+    "feta": Size("feta", 256, 8, "feta", 10, 1, 4, 1, plain_fedavg=False),
 }
 
 
@@ -74,7 +85,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (data, runs, report)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="32³ × 4 cases/site, tiny bundle variant, 3 rounds")
-    size.add_argument("--size", choices=sorted(SIZES), default=None, help="default 64³ × 8; feta: 256³ volumes")
+    size.add_argument(
+        "--size", choices=sorted(SIZES), default=None, help="default: 64³ × 10 cases/site; feta: 256³ volumes"
+    )
     p.add_argument("--poc", action="store_true", help="run the federated job through a local POC system")
     p.add_argument("--rounds", type=int, help="federated rounds (default depends on the size)")
     p.add_argument("--sites", type=int, default=3, help="number of synthetic sites")
@@ -150,7 +163,7 @@ def job_config(
         "bundle_overrides": _variant_overrides(size.variant),
         "data": {"root": str(data_root.resolve()), "val_fraction": 0.25, "split_seed": seed},
         "training": {
-            "local_epochs": 1,
+            "local_epochs": size.local_epochs,
             "max_steps_per_epoch": size.steps_per_epoch,
             "batch_size": size.batch_size,
             "seed": seed,
@@ -343,9 +356,13 @@ def run_demo(args: argparse.Namespace) -> int:
     from fetalseg.data.federation import write_federation
 
     size = SIZES["quick" if args.quick else (args.size or "default")]
-    rounds = int(args.rounds or size.rounds)
-    if rounds < 1 or args.sites < 2:
-        raise ValueError("--rounds must be >= 1 and --sites >= 2")
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
+        size = dataclasses.replace(size, rounds=int(args.rounds))
+    rounds = size.rounds
+    if args.sites < 2:
+        raise ValueError("--sites must be >= 2")
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -377,7 +394,8 @@ def run_demo(args: argparse.Namespace) -> int:
     private_rows = read_rounds(job_dir)
     lap("federated_private", t0)
 
-    print(f"[3/{steps}] evaluating on every site's held-out cases; baselines at the same budget ({rounds} epochs)")
+    print(f"[3/{steps}] evaluating on every site's held-out cases; baselines at the same budget "
+          f"({size.epochs} epochs = {rounds} rounds × {size.local_epochs} local epochs)")  # fmt: skip
     t0 = time.perf_counter()
     experiments: list[Experiment] = []
     ckpt = best_checkpoint(job_dir)
@@ -392,7 +410,9 @@ def run_demo(args: argparse.Namespace) -> int:
         s, ev = evaluate_checkpoint(best_checkpoint(plain_dir), splits, bundle)
         experiments.append(Experiment("federated", ev["summary"], s, None, best_checkpoint(plain_dir)))
         print(f"  federated (no privacy): mean Dice {ev['summary']['all']['mean']['dice']:.3f}")
-    budget = dict(max_epochs=rounds, time_budget_s=None, val_interval=1, seed=args.seed, with_hd95=True)
+    budget = dict(
+        max_epochs=size.epochs, time_budget_s=None, val_interval=size.local_epochs, seed=args.seed, with_hd95=True
+    )
     central = train_and_evaluate(
         splits, train_sites=sites, name="centralized", bundle=bundle, checkpoint=out / "centralized" / "model.pt",
         **budget,
@@ -422,6 +442,7 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     run = DemoRun(
         out=out, size=size.name, shape=size.shape, cases_per_site=size.cases, variant=size.variant, rounds=rounds,
+        local_epochs=size.local_epochs,
         mode=mode, sites=sites, splits=splits, bundle=bundle, experiments=experiments, private_rows=private_rows,
         plain_rows=plain_rows, job_config=cfg, job_dir=job_dir, installed=installed, server_command=command,
         timings=timings, fl_info=fl_eval["info"],

@@ -39,6 +39,7 @@ class DemoRun:
     cases_per_site: int
     variant: str | None
     rounds: int
+    local_epochs: int
     mode: str
     sites: list[str]
     splits: list[Any]
@@ -353,7 +354,8 @@ def results_section(run: DemoRun) -> list[str]:
         "## Held-out segmentation quality",
         "",
         "Every model is scored on the same held-out cases of every site (fetalseg.baseline split). Budget: "
-        f"{run.rounds} epochs each (federated: {run.rounds} rounds × 1 local epoch).",
+        f"{run.rounds * run.local_epochs} epochs each (federated: {run.rounds} rounds × {run.local_epochs} local "
+        "epoch(s)).",
         "",
         "### Mean Dice per site",
         "",
