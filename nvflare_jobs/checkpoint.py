@@ -2,14 +2,15 @@
 
 NVFlare's own persistor keeps ``best_FL_global_model.pt`` in its own format (``net.``-prefixed keys, training
 config). This server widget listens for the same "new best global model" event NVFlare's model selector fires
-(selection on ``val_mean_dice``: the sites' Dice of the received global model on their held-out cases) and
+(selection on ``val_mean_dice``: the sites' Dice of the received global model on their validation cases) and
 writes ``fetal_brain_best.pt`` next to it with :func:`fetalseg.bundle.save_checkpoint`: the bundle's key names
 plus ``origin="nvflare"``, the job id, the round and the validation Dice, and a ``.json`` sidecar with the same
 facts. ``nvflare job download`` brings both back with the server's workspace.
 
 The model produced by the LAST round is never scored during training (sites score what they receive), so when
-cross-site evaluation ran, the writer compares the final and the best global model on every site's held-out
-cases (case-weighted mean ``val_mean_dice``) and keeps the final one if it is better.
+cross-site evaluation ran, the writer compares the final and the best global model on every site's validation
+cases (case-weighted mean ``val_mean_dice``) and keeps the final one if it is better. The held-out test cases
+(``test_*`` in the same results) are reported, never used to choose.
 """
 
 from __future__ import annotations

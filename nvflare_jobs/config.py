@@ -31,6 +31,7 @@ PROJECT_FILTERS = {
 SPARSE_DECODER = "privacy.nvflare_filters.SparseUpdateDecoder"  # server side of "sparse_percentile"
 FILTER_TYPES = ("percentile", "svt", *PROJECT_FILTERS, "class")
 TRACKERS = ("tensorboard", None)
+DEFAULT_TASK_REQUEST_INTERVAL_S = 0.5
 CONFIG_FILE_NAME = "fetal_fl_job.json"  # name of the config inside an exported job's custom/ folder
 
 ENV_SITE_DATA = "FETALFL_SITE_DATA"  # a site's own data folder (wins over everything)
@@ -152,6 +153,24 @@ class FilterSpec:
         return d
 
 
+def _check_legacy_val_fraction(data: Mapping[str, Any]) -> None:
+    """``data.val_fraction`` (before the job used the baselines' split) is accepted only where it means what the
+    split now does: 0.25 held out per site, which is the test fraction of ``fetalseg.baseline.split_site``."""
+    if "val_fraction" not in data:
+        return
+    from fetalseg.baseline import TEST_FRACTION, VAL_FRACTION
+
+    value = data["val_fraction"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != TEST_FRACTION:
+        raise ConfigError(
+            f"data.val_fraction={value!r} is no longer used: every site is split like the centralized and "
+            f"single-site baselines (fetalseg.baseline.split_site, seeded by data.split_seed): {TEST_FRACTION:g} "
+            f"of a site's cases held out for testing, {VAL_FRACTION:g} of the rest for validation (model "
+            f"selection), the others for training. Remove data.val_fraction ({TEST_FRACTION:g}, the old default, "
+            "is still accepted: it is the same held-out fraction)"
+        )
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """A validated job config; build it with :func:`load_config` or :meth:`JobConfig.from_dict`."""
@@ -168,7 +187,6 @@ class JobConfig:
     scope: str | None
     bundle_overrides: dict[str, Any]
     data_root: str | None
-    val_fraction: float
     split_seed: int
     local_epochs: int
     max_steps_per_epoch: int | None
@@ -180,6 +198,7 @@ class JobConfig:
     max_update_norm: float
     straggler_wait_s: int
     task_timeout_s: int
+    task_request_interval_s: float
     tracking: str | None
     cross_site_eval: bool
     external_process: bool
@@ -238,12 +257,12 @@ class JobConfig:
             raise ConfigError(f"bundle_overrides must be an object of bundle config ids, got {overrides!r}")
 
         data = d.get("data", {})
-        _check_keys("data", data, ["root", "val_fraction", "split_seed"])
+        _check_keys("data", data, ["root", "split_seed", "val_fraction"])
         root = data.get("root")
         if root is not None and not isinstance(root, str):
             raise ConfigError(f"data.root must be a path or null, got {root!r}")
-        val_fraction = float(_number("data.val_fraction", data.get("val_fraction", 0.25), low=0, high=0.9))
         split_seed = _int("data.split_seed", data.get("split_seed", 0), low=0)
+        _check_legacy_val_fraction(data)
 
         training = d.get("training", {})
         _check_keys("training", training, ["local_epochs", "max_steps_per_epoch", "batch_size", "seed"])
@@ -289,12 +308,25 @@ class JobConfig:
                     raise ConfigError(f"a filter names site {s!r}, which is not one of the job's sites {sites}")
 
         server = d.get("server", {})
-        _check_keys("server", server, ["max_update_norm", "straggler_wait_s", "task_timeout_s"])
+        _check_keys(
+            "server", server, ["max_update_norm", "straggler_wait_s", "task_timeout_s", "task_request_interval_s"]
+        )
         max_norm = float(
             _number("server.max_update_norm", server.get("max_update_norm", 1.0e3), low=0, strict_low=True)
         )
         straggler = _int("server.straggler_wait_s", server.get("straggler_wait_s", 60), low=0)
         task_timeout = _int("server.task_timeout_s", server.get("task_timeout_s", 0), low=0)
+        # how long a site waits after a task before asking for the next one (NVFlare's default, 2 s, is idle time
+        # added to every round; a few hospitals polling twice a second cost the server nothing)
+        request_interval = float(
+            _number(
+                "server.task_request_interval_s",
+                server.get("task_request_interval_s", DEFAULT_TASK_REQUEST_INTERVAL_S),
+                low=0,
+                high=60,
+                strict_low=True,
+            )
+        )
 
         tracking = d.get("tracking", "tensorboard")
         if tracking not in TRACKERS:
@@ -333,7 +365,6 @@ class JobConfig:
             scope=scope,
             bundle_overrides=dict(overrides),
             data_root=root,
-            val_fraction=val_fraction,
             split_seed=split_seed,
             local_epochs=local_epochs,
             max_steps_per_epoch=max_steps,
@@ -345,6 +376,7 @@ class JobConfig:
             max_update_norm=max_norm,
             straggler_wait_s=straggler,
             task_timeout_s=task_timeout,
+            task_request_interval_s=request_interval,
             tracking=tracking,
             cross_site_eval=cse,
             external_process=external,

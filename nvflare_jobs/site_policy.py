@@ -6,21 +6,35 @@ job's config says. A job naming a scope the site does not define is refused by t
 (``nvflare_jobs/sites/<site>/privacy.json``) combine :class:`RequireDPSGD` with the project's fail-closed
 percentile filter.
 
-:class:`RequireDPSGD` checks the DP-SGD report the job's client attaches to each update (``meta["dp_sgd"]``,
-from :mod:`privacy.dpsgd`): a model update without one, or with ε above the site's maximum, never leaves the
-site (the filter raises; NVFlare replies ``TASK_RESULT_FILTER_ERROR`` and sends no weights). It trusts the
-job's client code to report what it did, so it catches configuration mistakes (a job that forgot DP-SGD or
-asks for too large an ε), not a malicious job author; sites review the job's code for that.
+:class:`RequireDPSGD` works in both directions; list it in a scope's ``task_data_filters`` AND
+``task_result_filters`` (the demo policies do; a job config's filter of this class is wired both ways by
+:mod:`nvflare_jobs.fetal_brain.job`):
+
+* on incoming tasks (before the site trains): it reads the job's config from the job's ``custom/`` folder and
+  computes the job's PLANNED ε at this site (:mod:`nvflare_jobs.plan`: rounds × local epochs over the site's
+  training cases, with the configured noise or target ε, exactly what the client will run). A job that does not
+  use DP-SGD here, or plans more ε (or a larger δ) than the policy allows, is refused at its first task, before
+  any training step or ledger spend, with a message naming the policy limit and the planned ε (NVFlare replies
+  ``TASK_DATA_FILTER_ERROR``; every later task of that job is refused the same way). A job without a fetal-fl
+  config cannot be planned: it is logged and left to the per-update check.
+* on results (what leaves the site): it checks the DP-SGD report the job's client attaches to each update
+  (``meta["dp_sgd"]``, from :mod:`privacy.dpsgd`): a model update without one, or with ε above the site's
+  maximum, never leaves the site (NVFlare replies ``TASK_RESULT_FILTER_ERROR`` and sends no weights).
+
+Both checks trust the job's client code to do and report what its config says, so they catch configuration
+mistakes (a job that forgot DP-SGD or asks for too large an ε), not a malicious job author; sites review the
+job's code for that.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
@@ -48,10 +62,51 @@ def check_dp_report(report: Any, *, max_epsilon: float | None, max_delta: float 
         raise PolicyViolationError(f"DP-SGD delta {delta:.3g} exceeds this site's maximum {max_delta:.3g}")
 
 
-class RequireDPSGD(DXOFilter):
-    """Client task-result filter: only DP-SGD-trained weight differences within ``max_epsilon`` leave the site.
+def check_dp_plan(plan: Any, *, site: str, num_rounds: int, max_epsilon: float | None, max_delta: float | None) -> None:
+    """Raise :class:`PolicyViolationError` unless a job's DP-SGD ``plan`` (a :class:`nvflare_jobs.plan.PrivacyPlan`,
+    None when the job does not use DP-SGD at ``site``) stays within the site's limits."""
+    if plan is None:
+        raise PolicyViolationError(
+            f"this site's privacy policy requires DP-SGD, but the job does not use DP-SGD at {site}: "
+            "refused before any training"
+        )
+    if max_epsilon is not None and not plan.epsilon <= max_epsilon:
+        raise PolicyViolationError(
+            f"the job plans DP-SGD epsilon={plan.epsilon:.4g} at {site} over its {num_rounds} round(s) "
+            f"({plan.describe()}), above this site's policy maximum max_epsilon={max_epsilon:.4g} (RequireDPSGD): "
+            "refused before any training; lower the job's epsilon (more noise, fewer rounds or local epochs)"
+        )
+    if max_delta is not None and not plan.delta <= max_delta:
+        raise PolicyViolationError(
+            f"the job plans DP-SGD delta={plan.delta:.3g} at {site}, above this site's policy maximum "
+            f"max_delta={max_delta:.3g} (RequireDPSGD): refused before any training"
+        )
 
-    Validation results (metrics only) pass; full weights and anything that is not a DXO are refused.
+
+def job_config_file(fl_ctx: FLContext) -> Path | None:
+    """The fetal-fl job config shipped in the running job's ``custom/`` folder at this site, if there is one."""
+    from nvflare_jobs.config import CONFIG_FILE_NAME
+
+    job_id = fl_ctx.get_job_id()
+    workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+    if workspace is None and fl_ctx.get_engine() is not None:
+        workspace = fl_ctx.get_engine().get_workspace()
+    if workspace is None or not job_id:
+        return None
+    for folder in (workspace.get_app_custom_dir(job_id), workspace.get_app_dir(job_id)):
+        candidate = Path(folder) / CONFIG_FILE_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class RequireDPSGD(DXOFilter):
+    """Site policy filter: a job trains here only with a DP-SGD plan within ``max_epsilon``, and only DP-SGD-trained
+    weight differences within ``max_epsilon`` leave the site.
+
+    As a task-data filter it refuses, at the job's first task, a job whose planned ε (or δ) exceeds the limits;
+    as a task-result filter it checks every update's DP-SGD report. Validation results (metrics only) pass; full
+    weights and anything that is not a DXO are refused.
 
     Args:
         max_epsilon: largest ε (cumulative for the job, at the report's δ) the site releases; None: any.
@@ -65,14 +120,59 @@ class RequireDPSGD(DXOFilter):
         super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
         self.max_epsilon = max_epsilon
         self.max_delta = max_delta
+        self._verdicts: dict[str, str | None] = {}  # job id -> why the job is refused here (None: its plan fits)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION) == FilterKey.IN:
+            self._check_job_plan(fl_ctx)  # a task coming in: refuse the job before it trains
+            return shareable
         if shareable.get_return_code(ReturnCode.OK) == ReturnCode.OK:
             try:
                 from_shareable(shareable)
             except Exception as e:
                 raise PolicyViolationError("the task result is not a DXO; this site's policy refuses to send it") from e
         return super().process(shareable, fl_ctx)
+
+    def _check_job_plan(self, fl_ctx: FLContext) -> None:
+        job_id = str(fl_ctx.get_job_id())
+        if job_id not in self._verdicts:
+            self._verdicts[job_id] = self._judge_plan(fl_ctx)
+        refusal = self._verdicts[job_id]
+        if refusal is not None:
+            self.log_error(fl_ctx, f"site privacy policy: job {job_id} refused: {refusal}")
+            raise PolicyViolationError(refusal)
+
+    def _judge_plan(self, fl_ctx: FLContext) -> str | None:
+        """Why this site refuses the running job (None: its DP-SGD plan fits the policy)."""
+        site = fl_ctx.get_identity_name()
+        path = job_config_file(fl_ctx)
+        if path is None:
+            self.log_warning(
+                fl_ctx,
+                "site privacy policy: the job ships no fetal-fl job config, so its DP-SGD plan cannot be checked "
+                "before training; every update it sends is still checked",
+            )
+            return None
+        try:
+            from nvflare_jobs.config import load_config
+            from nvflare_jobs.plan import site_privacy_plan
+
+            config = load_config(path)
+            plan = site_privacy_plan(config, site, validate=False)
+        except Exception as e:
+            return f"the job's DP-SGD plan at {site} cannot be computed ({type(e).__name__}: {e}): refused"
+        try:
+            check_dp_plan(
+                plan, site=site, num_rounds=config.num_rounds, max_epsilon=self.max_epsilon, max_delta=self.max_delta
+            )
+        except PolicyViolationError as e:
+            return str(e)
+        self.log_info(
+            fl_ctx,
+            f"site privacy policy: the job's DP-SGD plan fits (planned {plan.describe()}; "
+            f"max_epsilon={self.max_epsilon}, max_delta={self.max_delta})",
+        )
+        return None
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         if dxo.data_kind == DataKind.METRICS:

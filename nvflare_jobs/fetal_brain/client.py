@@ -1,10 +1,13 @@
 """NVFlare Client API script: one hospital's side of a federated round.
 
-Every round the site receives the global model, scores it on its held-out cases (per-tissue Dice; the server
-selects the best global model on ``val_mean_dice``), trains it for ``local_epochs`` on its own cases with the
-project's shared training code, and sends back only the weight DIFFERENCE, with ``NUM_STEPS_CURRENT_ROUND`` for
-weighting and the validation metrics. Images never leave the site. For the final cross-site evaluation it only
-scores the model it is sent.
+Each site's cases are split like the centralized and single-site baselines (``fetalseg.baseline.split_site``,
+see :mod:`nvflare_jobs.plan`): training, validation and held-out test cases. Every round the site receives the
+global model, scores it on its VALIDATION cases (per-tissue Dice; the server selects the best global model on
+``val_mean_dice``), trains it for ``local_epochs`` on its training cases with the project's shared training code,
+and sends back only the weight DIFFERENCE, with ``NUM_STEPS_CURRENT_ROUND`` for weighting and the validation
+metrics. Images never leave the site. For the final cross-site evaluation it scores the model it is sent on its
+validation cases (``val_*``: what the server may still use to choose between the final and the best model) and
+on its held-out TEST cases (``test_*`` with HD95: the cases every baseline is scored on, never used to choose).
 
 :class:`SiteTrainer` is the plain-PyTorch part (no NVFlare); the benchmark runs it directly to measure what the
 same local training costs without federation. DP-SGD, when the job or the site asks for it, wraps the model,
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 
 from fetalseg.bundle import Bundle
-from fetalseg.data.loaders import Case, load_dataset, split_cases
+from fetalseg.data.loaders import Case
 from fetalseg.evaluation import evaluate_cases
 from fetalseg.labels import foreground_labels
 from fetalseg.metrics import nanmean
@@ -42,6 +45,7 @@ from nvflare_jobs.config import (
     resolve_site_data,
 )
 from nvflare_jobs.fetal_brain.model import FetalBrainNet, to_state_dict
+from nvflare_jobs.plan import dp_settings_for, site_split
 from nvflare_jobs.site_policy import DP_REPORT_KEY
 
 log = logging.getLogger("fetal_fl.client")
@@ -89,15 +93,14 @@ class SiteTrainer:
         self.job_id = job_id
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.data_dir = Path(data_dir) if data_dir is not None else resolve_site_data(config, site)
-        cases = load_dataset(self.data_dir, site=site)
-        self.train_cases, self.val_cases = split_cases(cases, val_fraction=config.val_fraction, seed=config.split_seed)
-        if not self.train_cases:
-            raise ValueError(f"site {site}: no training cases in {self.data_dir}")
+        split = site_split(config, site, self.data_dir)  # the baselines' split: train / val / test
+        self.train_cases, self.val_cases, self.test_cases = split.train, split.val, split.test
         log.info(
-            "site %s: %d training and %d held-out cases from %s",
+            "site %s: %d training, %d validation and %d held-out test cases from %s",
             site,
             len(self.train_cases),
             len(self.val_cases),
+            len(self.test_cases),
             self.data_dir,
         )
         torch.manual_seed(config.seed + zlib.crc32(site.encode()) % 10_000)
@@ -112,7 +115,7 @@ class SiteTrainer:
         self.privacy_engine: Any = None
         self.ledger: Any = None
         self.dataset_id = f"{site}/{self.data_dir.name}"
-        dp_settings = config.dp_sgd_for(site)
+        dp_settings = dp_settings_for(config, site)  # with the job's plan: the one the site's policy checked
         if dp_settings is not None:
             self._enable_dp_sgd(dp_settings, dataset_size=len(dataset))
 
@@ -128,9 +131,6 @@ class SiteTrainer:
                 "refusing to train without it"
             ) from e
         settings = dict(settings)
-        if not {"planned_steps", "planned_rounds"} & settings.keys():
-            # the job's own plan: ε is then known before training and the engine refuses any step beyond it
-            settings.update(planned_rounds=self.config.num_rounds, local_epochs=self.config.local_epochs)
         state_dir = Path(os.environ.get(ENV_SITE_STATE) or Path.cwd() / "privacy_state")
         state_path = state_dir / f"dpsgd_{self.site}_{self.job_id}.json"
         try:
@@ -170,12 +170,20 @@ class SiteTrainer:
         self.model.load_state_dict(state, strict=True)
         return state
 
-    def validate(self, cases: Sequence[Case] | None = None, *, with_hd95: bool = False) -> dict[str, float]:
+    def validate(
+        self, cases: Sequence[Case] | None = None, *, with_hd95: bool = False, prefix: str = "val"
+    ) -> dict[str, float]:
+        """Metrics of the current model on ``cases`` (default: the validation cases); ``{}`` when there are none."""
         cases = self.val_cases if cases is None else cases
         if not cases:
             return {}
         scores = evaluate_cases(self.model.net, cases, bundle=self.bundle, device=self.device, with_hd95=with_hd95)
-        return metrics_from_scores(scores)
+        return metrics_from_scores(scores, prefix=prefix)
+
+    def evaluate(self) -> dict[str, float]:
+        """Cross-site evaluation: ``val_*`` on the validation cases, ``test_*`` (with HD95) on the held-out test
+        cases, which are never used to choose a model."""
+        return {**self.validate(), **self.validate(self.test_cases, with_hd95=True, prefix="test")}
 
     def train_round(self, *, fedprox_mu: float | None = None) -> RoundStats:
         """``local_epochs`` passes over the site's data (FedProx adds its proximal term when ``fedprox_mu``)."""
@@ -253,13 +261,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if flare.is_submit_model():  # not used by this job's workflows; answer with the global model untouched
             flare.send(flare.FLModel(params=global_state, params_type=flare.ParamsType.FULL))
             continue
-        if flare.is_evaluate():  # cross-site evaluation of a server model on this site's held-out cases
-            metrics = trainer.validate(with_hd95=True)
+        if flare.is_evaluate():  # cross-site evaluation of a server model on this site's val and test cases
+            metrics = trainer.evaluate()
             log.info("site %s: evaluation %s", site, metrics)
             flare.send(flare.FLModel(metrics=metrics))
             continue
 
-        metrics = trainer.validate()  # the received global model on held-out cases: drives model selection
+        metrics = trainer.validate()  # the received global model on validation cases: drives model selection
         mu = get_fedprox_mu(input_model) if config.algorithm == "fedprox" else None
         stats = trainer.train_round(fedprox_mu=mu)
         diff = trainer.weight_diff(global_state)

@@ -12,9 +12,11 @@ What the recipe wires (all from the config; see ``docs/site_admin.md`` for the k
   updates suffice) and weight DIFFs (``TransferType.DIFF``) so privacy filters see what they expect;
 * model selection on ``val_mean_dice`` and :class:`~nvflare_jobs.checkpoint.BundleCheckpointWriter` writing the
   best global model in the bundle's format; cross-site evaluation of the final and best global models on every
-  site's held-out cases; TensorBoard streaming of the clients' metrics to the server;
-* client privacy filters (per site, per task), the server's :class:`~nvflare_jobs.guard.UpdateGuard`, and the
-  job's privacy ``scope`` in its meta for the sites' ``privacy.json`` policies.
+  site's validation and held-out test cases; TensorBoard streaming of the clients' metrics to the server;
+* client privacy filters (per site, per task; a site policy's ``RequireDPSGD`` also on incoming tasks, so a job
+  planning more ε than the site allows is refused before it trains), the server's
+  :class:`~nvflare_jobs.guard.UpdateGuard`, and the job's privacy ``scope`` in its meta for the sites'
+  ``privacy.json`` policies.
 
 The client side (:mod:`nvflare_jobs.fetal_brain.client`) and this config file are the only things copied into the
 job folder; ``fetalseg``, ``privacy`` and ``nvflare_jobs`` are installed at every site (the ``fetal-fl`` package).
@@ -52,6 +54,7 @@ from nvflare_jobs.controllers import FetalFedAvg, FetalFedOpt
 from nvflare_jobs.fetal_brain.model import FetalBrainNet
 from nvflare_jobs.filters import build_class_filter, build_filter
 from nvflare_jobs.guard import UpdateGuard
+from nvflare_jobs.site_policy import RequireDPSGD
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,8 @@ class FetalBrainRecipe(FedAvgRecipe):
         # ...then every update is checked before it can reach the aggregator
         self.add_server_input_filter(UpdateGuard(max_norm=config.max_update_norm), tasks=[TRAIN_TASK])
         self._job.to_server(BundleCheckpointWriter(bundle_overrides=config.bundle_overrides), id="bundle_checkpoint")
+        # NVFlare's server.task_request_interval: how long a site waits after a task before asking for the next
+        self._job.to_server({"server": {"task_request_interval": config.task_request_interval_s}})
         if config.tracking:
             add_experiment_tracking(self, config.tracking)
         if config.cross_site_eval:
@@ -171,7 +176,10 @@ class FetalBrainRecipe(FedAvgRecipe):
     def _add_privacy(self) -> None:
         for spec in self.config.filters:
             clients = list(spec.sites) if spec.sites else None
-            self.add_client_output_filter(build_filter(spec), tasks=list(spec.tasks), clients=clients)
+            flt = build_filter(spec)
+            self.add_client_output_filter(flt, tasks=list(spec.tasks), clients=clients)
+            if isinstance(flt, RequireDPSGD):  # also on the incoming task: refuse the job's plan before training
+                self.add_client_input_filter(flt, tasks=list(spec.tasks), clients=clients)
 
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any):
         cfg = self.config

@@ -34,7 +34,7 @@ def tiny_config(data_root: Path, **changes: Any) -> dict[str, Any]:
         "min_clients": 2,
         "sites": list(SITES),
         "bundle_overrides": dict(TINY_OVERRIDES),
-        "data": {"root": str(data_root), "val_fraction": 0.25, "split_seed": 0},
+        "data": {"root": str(data_root), "split_seed": 0},
         "training": {"local_epochs": 1, "max_steps_per_epoch": 2, "batch_size": 1, "seed": 0},
         "privacy": {"filters": [], "dp_sgd": None},
         "server": {"max_update_norm": 1000.0, "straggler_wait_s": 5, "task_timeout_s": 0},

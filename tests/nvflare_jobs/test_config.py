@@ -110,3 +110,13 @@ def test_site_data_resolution_order(tmp_path: Path) -> None:
     assert resolve_site_data(cfg, "site-2", environ=env) == tmp_path
     with pytest.raises(ConfigError, match=ENV_SITE_DATA):
         resolve_site_data(JobConfig.from_dict({}), "site-1", environ={})
+
+
+def test_the_old_val_fraction_is_accepted_only_where_it_means_the_shared_split() -> None:
+    from fetalseg.baseline import TEST_FRACTION
+
+    assert JobConfig.from_dict({"data": {"val_fraction": TEST_FRACTION}}).split_seed == 0  # old default: same split
+    assert JobConfig.from_dict({"data": {"split_seed": 3}}).split_seed == 3
+    for value in (0.3, 0.0, "0.25", True):
+        with pytest.raises(ConfigError, match=r"data\.val_fraction.*no longer used.*split_site"):
+            JobConfig.from_dict({"data": {"val_fraction": value}})

@@ -53,6 +53,8 @@ def test_demo_site_policies_define_the_documented_scopes(site: str, tmp_path: Pa
     paths = [f["path"] for f in scopes["dp_required"]["task_result_filters"]]
     assert paths == ["nvflare_jobs.site_policy.RequireDPSGD", "privacy.nvflare_filters.FailClosedPercentilePrivacy"]
     RequireDPSGD(**scopes["dp_required"]["task_result_filters"][0]["args"])  # the arguments are valid
+    # the same policy on incoming tasks: a job planning more ε than allowed is refused before it trains
+    assert scopes["dp_required"]["task_data_filters"] == scopes["dp_required"]["task_result_filters"][:1]
     (tmp_path / "local").mkdir()
     assert json.loads(install_site_policy(tmp_path, SITES_DIR / site / "privacy.json").read_text()) == policy
     (tmp_path / "bad.json").write_text("{")

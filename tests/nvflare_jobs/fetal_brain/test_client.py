@@ -12,6 +12,7 @@ from fetalseg.labels import foreground_labels
 from nvflare_jobs.config import ENV_PRIVACY_LEDGER, ENV_SITE_DATA, ENV_SITE_STATE, JobConfig
 from nvflare_jobs.fetal_brain.client import DPSGDUnavailableError, SiteTrainer
 from nvflare_jobs.fetal_brain.model import FetalBrainNet
+from nvflare_jobs.plan import site_privacy_plan, site_split
 
 DP = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3, "grad_sample_mode": "hooks", "seed": 0}
 
@@ -31,7 +32,7 @@ def _trainer(make_config, **changes) -> SiteTrainer:
 
 def test_one_round_sends_a_finite_nonzero_diff_and_per_tissue_metrics(make_config, site_env: Path) -> None:
     trainer = _trainer(make_config)
-    assert trainer.data_dir.name == "site-2" and trainer.train_cases and trainer.val_cases
+    assert trainer.data_dir.name == "site-2" and trainer.train_cases and trainer.val_cases and trainer.test_cases
     global_model = FetalBrainNet(trainer.config.bundle_overrides, init_seed=0)
     state = trainer.load_global({k: v.numpy() for k, v in global_model.state_dict().items()})
     metrics = trainer.validate()
@@ -46,6 +47,23 @@ def test_one_round_sends_a_finite_nonzero_diff_and_per_tissue_metrics(make_confi
     # the diff is local - global: adding it to the global weights gives the trained model
     trained = trainer.model.state_dict()
     assert all(torch.allclose(state[k] + diff[k], trained[k].cpu()) for k in diff)
+
+
+def test_trains_validates_and_tests_on_the_baselines_split(make_config, site_env: Path) -> None:
+    trainer = _trainer(make_config)
+    split = site_split(trainer.config, "site-2")
+    assert [c.case_id for c in trainer.train_cases] == [c.case_id for c in split.train]
+    assert [c.case_id for c in trainer.val_cases] == [c.case_id for c in split.val]
+    assert [c.case_id for c in trainer.test_cases] == [c.case_id for c in split.test]
+    assert len(trainer.loader.dataset) == len(split.train)  # trains on the training cases only
+    trainer.load_global(FetalBrainNet(trainer.config.bundle_overrides, init_seed=0).state_dict())
+    metrics = trainer.evaluate()  # cross-site evaluation: validation (selection) and held-out test (reported)
+    tissues = [t.name for t in foreground_labels()]
+    assert metrics["val_cases"] == len(split.val) and metrics["test_cases"] == len(split.test)
+    assert all(
+        f"val_dice_{t}" in metrics and f"test_dice_{t}" in metrics and f"test_hd95_{t}" in metrics for t in tissues
+    )
+    assert metrics["val_mean_dice"] == pytest.approx(trainer.validate()["val_mean_dice"])
 
 
 def test_the_site_data_env_var_wins(make_config, site_env: Path, federation: Path, monkeypatch) -> None:
@@ -65,6 +83,8 @@ def test_dp_sgd_is_set_up_once_and_reports_epsilon_to_the_ledger(make_config, si
     trainer.train_round()
     report = trainer.record_privacy(0)
     assert report["epsilon"] > 0 and report["steps"] >= 1 and report["planned_steps"] is not None
+    plan = site_privacy_plan(trainer.config, "site-2")  # what the site's policy checks before the job trains
+    assert report["planned_steps"] == plan.steps and report["planned_epsilon"] == pytest.approx(plan.epsilon)
     assert (site_env / "state" / "dpsgd_site-2_job-1.json").is_file()
     ledger.reload()
     assert ledger.spent("site-2/site-2").epsilon == pytest.approx(report["epsilon"])

@@ -158,3 +158,26 @@ def test_client_level_dp_filter_exports_with_its_parameters(tmp_path: Path) -> N
     args = dp[0][2]
     assert args["clip_norm"] == 0.5 and args["noise_multiplier"] == 1.2
     assert args.get("accountant", "rdp") == "rdp"  # the exporter leaves default values out
+
+
+def test_a_site_policy_filter_in_the_job_also_checks_incoming_tasks(tmp_path: Path) -> None:
+    """A job's own RequireDPSGD also runs on the task data, so its plan is checked before the site trains."""
+    cfg = json.loads(DEFAULT_CONFIG.read_text())
+    policy = {"type": "class", "path": "nvflare_jobs.site_policy.RequireDPSGD", "args": {"max_epsilon": 8.0}}
+    cfg["privacy"] = {"filters": [], "sites": {"site-2": {"filters": [policy]}}}
+    job = export_job(cfg, tmp_path)
+    for site in ("site-1", "site-2"):
+        client = _read(job, f"app_{site}")
+        incoming = [(e["tasks"], f["path"], f["args"]) for e in client["task_data_filters"] for f in e["filters"]]
+        outgoing = [f for f in _filters(client) if f[1] == policy["path"]]
+        if site == "site-2":
+            assert incoming == outgoing == [(["train"], policy["path"], {"max_epsilon": 8.0})]
+        else:
+            assert incoming == outgoing == []
+
+
+def test_sites_ask_for_the_next_task_without_nvflares_two_second_pause(tmp_path: Path) -> None:
+    cfg = json.loads(DEFAULT_CONFIG.read_text())
+    assert _read(export_job(cfg, tmp_path / "a"), "app_server")["server"] == {"task_request_interval": 0.5}
+    cfg["server"]["task_request_interval_s"] = 2.0
+    assert _read(export_job(cfg, tmp_path / "b"), "app_server")["server"] == {"task_request_interval": 2.0}
