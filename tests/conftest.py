@@ -29,6 +29,46 @@ def sphere_case(shape=(24, 26, 22), *, seed: int = 0, affine: np.ndarray | None 
     return image, label, affine
 
 
+def write_dicom_series(array: np.ndarray, affine: np.ndarray, folder: Path, *, series: int = 1) -> Path:
+    """Write ``array`` (x, y, z) with RAS ``affine`` as an axial MR DICOM series, one file per z slice
+    (``series`` numbers the series UID and file names, to put two series in one folder)."""
+    import SimpleITK as sitk
+
+    from fetalseg.data.io import keep_locale
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+    direction = lps[:3, :3] / spacing
+    image = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)).astype(np.int16))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    image.SetDirection([float(v) for v in direction.reshape(-1)])
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    row, col = direction[:, 0], direction[:, 1]
+    with keep_locale():  # GDCM's writer resets the process locale (see keep_locale)
+        _write_slices(image, writer, row, col, folder, array.shape[2], series)
+    return folder
+
+
+def _write_slices(image, writer, row, col, folder: Path, depth: int, series: int) -> None:
+    for k in range(depth):
+        slc = image[:, :, k]
+        for tag, value in (
+            ("0008|0060", "MR"),
+            ("0020|000d", "1.2.826.0.1.3680043.8.498.1"),
+            ("0020|000e", f"1.2.826.0.1.3680043.8.498.1.{series}"),
+            ("0020|0037", "\\".join(f"{v:.6f}" for v in (*row, *col))),
+            ("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            ("0020|0013", str(k + 1)),
+            ("0008|0018", f"1.2.826.0.1.3680043.8.498.1.{series}.{k + 1}"),
+        ):
+            slc.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / (f"slice{k:03d}.dcm" if series == 1 else f"s{series}-slice{k:03d}.dcm")))
+        writer.Execute(slc)
+
+
 @pytest.fixture
 def write_case(tmp_path: Path):
     """Write an image (+ label) pair; returns their paths."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fetalseg.data.io import Volume, read_volume, suffix_of
+from fetalseg.data.io import DicomSeriesError, Volume, is_dicom_series, read_dicom_series, read_volume, suffix_of
 from fetalseg.labels import label_names, max_label
 
 MIN_EXTENT = 4  # voxels: anything thinner along an axis is a 2D slice (stack), not a volume
@@ -49,7 +49,8 @@ class ValidationReport:
 
 
 def load_checked_volume(path: str | Path, *, role: str = "image") -> Volume:
-    """Read ``path`` and check it is one readable 3D scalar volume; raise :class:`DataValidationError` if not.
+    """Read ``path`` (a file or a DICOM series folder) and check it is one readable 3D scalar volume; raise
+    :class:`DataValidationError` if not.
 
     A trailing singleton 4th axis (``x, y, z, 1``, common in NIfTI exports) is accepted and dropped.
     """
@@ -57,6 +58,15 @@ def load_checked_volume(path: str | Path, *, role: str = "image") -> Volume:
     name = path.name
     if not path.exists():
         raise DataValidationError([f"{role} {name}: file does not exist ({path})"])
+    if path.is_dir():
+        if not is_dicom_series(path):
+            raise DataValidationError([f"{role} {name}: folder is not a DICOM series"])
+        try:
+            vol = read_dicom_series(path)
+        except DicomSeriesError as exc:
+            raise DataValidationError([f"{role} {exc}"]) from exc
+        data = np.asarray(vol.array)
+        return _checked(vol, data, role=role, name=name)
     if not path.is_file():
         raise DataValidationError([f"{role} {name}: not a file"])
     if path.stat().st_size == 0:
@@ -68,6 +78,11 @@ def load_checked_volume(path: str | Path, *, role: str = "image") -> Volume:
         data = np.asarray(vol.array)  # forces decompression: truncated .gz files fail here, not later
     except Exception as exc:  # nibabel/SimpleITK raise many types for corrupt files
         raise DataValidationError([f"{role} {name}: cannot be read as an image ({type(exc).__name__}: {exc})"]) from exc
+    return _checked(vol, data, role=role, name=name)
+
+
+def _checked(vol: Volume, data: np.ndarray, *, role: str, name: str) -> Volume:
+    """The 3D scalar volume rules shared by files and DICOM series."""
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -85,7 +100,7 @@ def load_checked_volume(path: str | Path, *, role: str = "image") -> Volume:
         raise DataValidationError([f"{role} {name}: invalid (singular or non-finite) voxel-to-world affine"])
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         raise DataValidationError([f"{role} {name}: contains NaN or infinite values"])
-    return Volume(data, vol.affine, path)
+    return Volume(data, vol.affine, vol.path)
 
 
 def check_label_values(label: np.ndarray, *, name: str = "label") -> list[str]:

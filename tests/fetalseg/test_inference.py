@@ -7,9 +7,9 @@ import SimpleITK as sitk
 import torch
 
 from fetalseg.bundle import Bundle
-from fetalseg.data.io import read_volume, write_nifti
-from fetalseg.inference import Segmenter
-from tests.conftest import sphere_case
+from fetalseg.data.io import read_dicom_series, read_volume, write_nifti
+from fetalseg.inference import Segmenter, _nearest_inverse
+from tests.conftest import sphere_case, write_dicom_series
 
 AFFINES = {
     "RAS": np.diag([2.0, 2.0, 2.0, 1.0]),
@@ -68,3 +68,73 @@ def test_probabilities_on_request(segmenter, tmp_path):
     seg = segmenter.segment(path, with_probabilities=True)
     assert seg.probabilities.shape[0] == 8
     np.testing.assert_allclose(seg.probabilities.sum(0), 1.0, atol=1e-4)
+
+
+# -- inversion by index arrays: identical to MONAI's Invertd --------------------------------------------------------
+
+INVERT_GEOMETRIES = {
+    **AFFINES,
+    # model grid 4 mm (tiny) from 1 mm / 2 mm voxels with the origin on the model grid: many half-voxel ties
+    "ties-1mm": np.diag([1.0, 1.0, 1.0, 1.0]),
+    "ties-flipped-0.5mm": np.array([[0, -0.5, 0, 3.0], [0, 0, 2.0, -1.0], [-1.0, 0, 0, 0.25], [0, 0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVERT_GEOMETRIES))
+@pytest.mark.parametrize("variant", ["tiny", None])
+def test_index_inversion_equals_monai_invertd(tmp_path, name, variant):
+    bundle = Bundle("common", variant=variant)
+    segmenter = Segmenter(bundle.network(), bundle=bundle)
+    image, _, affine = sphere_case(shape=(21, 26, 17), affine=INVERT_GEOMETRIES[name])
+    data = segmenter.preprocess(write_nifti(image, affine, tmp_path / "img.nii.gz"))
+    pred = torch.randint(
+        0, 8, (1, *data["image"].shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    fast = _nearest_inverse(data["image"], pred)
+    assert fast is not None  # the shortcut applies to axis-aligned inputs
+    reference = segmenter._invert_with_monai(data, pred)
+    assert fast.shape == reference.shape == image.shape
+    np.testing.assert_array_equal(fast, reference)
+    label, out_affine = segmenter.to_input_space(data, pred)
+    np.testing.assert_array_equal(label, reference)
+    np.testing.assert_allclose(out_affine, affine, atol=1e-5)
+
+
+def test_oblique_input_is_inverted_by_monai(segmenter, tmp_path):
+    """An input rotated against the model grid leaves the shortcut; the answer is still MONAI's."""
+    t = 0.3
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ np.diag(
+        [1.1, 2.9, 1.3]
+    )
+    image, _, _ = sphere_case(shape=(20, 12, 18))
+    data = segmenter.preprocess(write_nifti(image, affine, tmp_path / "oblique.nii.gz"))
+    pred = torch.randint(
+        0, 8, (1, *data["image"].shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    assert _nearest_inverse(data["image"], pred) is None
+    label, _ = segmenter.to_input_space(data, pred)
+    np.testing.assert_array_equal(label, segmenter._invert_with_monai(data, pred))
+
+
+# -- DICOM series: read by the core reader, segmented like the same volume in NIfTI ----------------------------------
+
+
+@pytest.mark.parametrize("name", ["LPS-anisotropic", "permuted-PIR"])
+def test_dicom_series_segments_like_the_same_nifti(segmenter, tmp_path, name):
+    """The Segmenter reads DICOM folders with the core reader (the voxels and float64 grid it returns), and the
+    result matches the same volume saved as NIfTI. (NIfTI keeps its affine in float32: a 1e-6 mm difference may
+    move half-voxel ties of the resampling, so labels are compared by agreement, inputs and grids exactly.)"""
+    image, _, affine = sphere_case(shape=(21, 26, 17), affine=AFFINES[name])
+    values = np.round(image * 10).astype(np.int16)
+    folder = write_dicom_series(values, affine, tmp_path / "series")
+    nifti = write_nifti(values, affine, tmp_path / "img.nii.gz")
+    pre_dicom, pre_nifti = segmenter.preprocess(folder)["image"], segmenter.preprocess(nifti)["image"]
+    np.testing.assert_array_equal(np.asarray(pre_dicom.meta["original_affine"]), read_dicom_series(folder).affine)
+    assert pre_dicom.shape == pre_nifti.shape
+    np.testing.assert_allclose(pre_dicom.numpy(), pre_nifti.numpy(), atol=1e-5)
+    np.testing.assert_allclose(pre_dicom.affine.numpy(), pre_nifti.affine.numpy(), atol=1e-5)
+    from_dicom, from_nifti = segmenter.segment(folder), segmenter.segment(nifti)
+    assert from_dicom.label.shape == values.shape
+    np.testing.assert_allclose(from_dicom.affine, affine, atol=1e-4)
+    assert (from_dicom.label == from_nifti.label).mean() > 0.9

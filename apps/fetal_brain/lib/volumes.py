@@ -1,24 +1,30 @@
 """Read and check what users send or drop in: NIfTI, NRRD, Slicer ``.seg.nrrd`` and DICOM series folders.
 
-The core (:mod:`fetalseg.data.validation`) checks single files; this module adds what only the app meets: DICOM
-series folders (as a radiologist's export arrives), Slicer segmentations whose segment values differ from ours, and
-cheap header-only checks so the inference path does not read a 256³ volume twice. Every failure is an
+The core reads and checks files and DICOM series folders (:mod:`fetalseg.data.io`, :mod:`fetalseg.data.validation`);
+this module adds what only the app meets: Slicer segmentations whose segment values differ from ours, cropped
+segmentations placed back on their image's grid, and cheap header-only checks so the inference path does not read
+a 256³ volume twice. Every failure is an
 :class:`~apps.fetal_brain.lib.errors.UnprocessableError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
-import contextlib
-import locale
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from apps.fetal_brain.lib.errors import UnprocessableError
-from fetalseg.data.io import NIFTI_SUFFIXES, Volume, read_header, suffix_of
+from fetalseg.data.io import (
+    NIFTI_SUFFIXES,
+    DicomSeriesError,
+    Volume,
+    is_dicom_series,
+    read_header,
+    suffix_of,
+)
+from fetalseg.data.io import read_dicom_series as core_read_dicom_series
 from fetalseg.data.validation import (
     MIN_EXTENT,
     DataValidationError,
@@ -32,80 +38,20 @@ log = logging.getLogger(__name__)
 
 SEG_NRRD = ".seg.nrrd"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_MAX_DICOM_FILES = 5000
 
-
-def is_dicom_file(path: Path) -> bool:
-    """True if ``path`` starts like a DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def is_dicom_dir(path: str | Path) -> bool:
-    """True if ``path`` is a folder whose first files are DICOM (a series exported from a scanner or PACS)."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))[:5]
-    return bool(files) and all(is_dicom_file(p) for p in files)
-
-
-@contextlib.contextmanager
-def keep_locale() -> Iterator[None]:
-    """Restore the C locale after GDCM calls: its DICOM writer resets LC_CTYPE to "C", which turns Python's
-    default text encoding into ASCII for the rest of the process (``open()`` of a UTF-8 JSON file then fails)."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        yield
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
+is_dicom_dir = is_dicom_series  # the app's name for the core check (kept for its callers)
 
 
 def read_dicom_series(folder: str | Path) -> Volume:
-    """Read the single DICOM series in ``folder`` as a Volume (x, y, z array, RAS affine)."""
-    import SimpleITK as sitk
-
-    folder = Path(folder)
-    name = folder.name
-    files = [p for p in folder.iterdir() if p.is_file()]
-    if len(files) > _MAX_DICOM_FILES:
-        raise UnprocessableError(f"DICOM folder {name}: {len(files)} files; at most {_MAX_DICOM_FILES} supported")
-    with keep_locale():
-        return _read_dicom_series(folder, sitk)
-
-
-def _read_dicom_series(folder: Path, sitk) -> Volume:
-    name = folder.name
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise UnprocessableError(f"DICOM folder {name}: no readable DICOM image series found")
-    if len(series) > 1:
-        raise UnprocessableError(f"DICOM folder {name}: holds {len(series)} series; put one series per folder")
-    names = reader.GetGDCMSeriesFileNames(str(folder), series[0])
-    reader.SetFileNames(names)
+    """The core's DICOM series reader (:func:`fetalseg.data.io.read_dicom_series`), failures as 422."""
     try:
-        img = reader.Execute()
-    except RuntimeError as exc:
-        raise UnprocessableError(f"DICOM folder {name}: cannot be read as an image series ({exc})") from exc
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise UnprocessableError(f"DICOM folder {name}: colour/multi-component images are not MRI volumes")
-    array = sitk.GetArrayFromImage(img)  # (z, y, x)
-    array = np.transpose(array, tuple(reversed(range(array.ndim))))
-    n = img.GetDimension()
-    direction = np.asarray(img.GetDirection(), dtype=float).reshape(n, n)
-    lps = np.eye(4)
-    lps[:n, :n] = direction @ np.diag(np.asarray(img.GetSpacing(), dtype=float))
-    lps[:n, 3] = np.asarray(img.GetOrigin(), dtype=float)
-    return Volume(array, _LPS_TO_RAS @ lps, folder)
+        return core_read_dicom_series(folder)
+    except DicomSeriesError as exc:
+        raise UnprocessableError(str(exc)) from exc
 
 
 def _check_volume(vol: Volume, *, role: str, name: str) -> Volume:
-    """The core's 3D-volume rules, for volumes the core cannot read itself (DICOM series)."""
+    """The core's 3D-volume rules on a header-only volume (shape + affine, no voxels read)."""
     data = vol.array
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -124,13 +70,8 @@ def _check_volume(vol: Volume, *, role: str, name: str) -> Volume:
 
 def load_image(path: str | Path, *, role: str = "image") -> Volume:
     """Read and check one image (file or DICOM folder); raise :class:`UnprocessableError` with the reason."""
-    path = Path(path)
-    if path.is_dir():
-        if not is_dicom_dir(path):
-            raise UnprocessableError(f"{role} {path.name}: folder is not a DICOM series")
-        return _check_volume(read_dicom_series(path), role=role, name=path.name)
     try:
-        return load_checked_volume(path, role=role)
+        return load_checked_volume(path, role=role)  # files and DICOM series folders, read by the core
     except DataValidationError as exc:
         raise UnprocessableError(exc.problems) from exc
 

@@ -19,9 +19,8 @@ import pytest
 import requests
 
 from apps.fetal_brain.launcher import LocalServer, start
-from apps.fetal_brain.lib.volumes import keep_locale
 from fetalseg.data.io import write_nifti
-from tests.conftest import sphere_case
+from tests.conftest import sphere_case, write_dicom_series  # noqa: F401  (used by the app tests)
 
 MODEL = "fetal_brain_seg"
 MAX_UPLOAD_MB = 4
@@ -47,43 +46,6 @@ def write_studies(folder: Path) -> None:
         write_nifti(image, affine, folder / f"{name}.nii.gz")
     rng = np.random.default_rng(0)
     write_nifti(rng.normal(size=(128, 128, 128)).astype(np.float32), np.eye(4), folder / f"{BIG}.nii.gz")
-
-
-def write_dicom_series(array: np.ndarray, affine: np.ndarray, folder: Path) -> Path:
-    """Write ``array`` (x, y, z) with RAS ``affine`` as an axial MR DICOM series, one file per z slice."""
-    import SimpleITK as sitk
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    direction = lps[:3, :3] / spacing
-    image = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)).astype(np.int16))
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetOrigin([float(v) for v in lps[:3, 3]])
-    image.SetDirection([float(v) for v in direction.reshape(-1)])
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    row, col = direction[:, 0], direction[:, 1]
-    with keep_locale():  # GDCM's writer resets the process locale (see keep_locale)
-        _write_slices(image, writer, row, col, folder, array.shape[2])
-    return folder
-
-
-def _write_slices(image, writer, row, col, folder: Path, depth: int) -> None:
-    for k in range(depth):
-        slc = image[:, :, k]
-        for tag, value in (
-            ("0008|0060", "MR"),
-            ("0020|000d", "1.2.826.0.1.3680043.8.498.1"),
-            ("0020|000e", "1.2.826.0.1.3680043.8.498.1.1"),
-            ("0020|0037", "\\".join(f"{v:.6f}" for v in (*row, *col))),
-            ("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
-            ("0020|0013", str(k + 1)),
-            ("0008|0018", f"1.2.826.0.1.3680043.8.498.1.1.{k + 1}"),
-        ):
-            slc.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(slc)
 
 
 def zip_folder(folder: Path, archive: Path) -> Path:

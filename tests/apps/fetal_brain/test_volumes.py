@@ -16,6 +16,7 @@ from apps.fetal_brain.lib.volumes import (
     read_dicom_series,
     read_seg_nrrd,
 )
+from fetalseg.data.io import read_dicom_series as core_read_dicom_series
 from fetalseg.data.io import write_nifti
 from tests.apps.fetal_brain.conftest import AFFINES, write_dicom_series
 from tests.conftest import sphere_case
@@ -131,3 +132,18 @@ def test_header_check_refuses_2d_without_reading_voxels(tmp_path):
     with pytest.raises(UnprocessableError, match="2D"):
         check_image_header(path)
     check_image_header(write_nifti(np.zeros((8, 8, 8), np.float32), np.eye(4), tmp_path / "vol.nii.gz"))
+
+
+def test_dicom_folder_problems_are_the_core_readers_as_422(tmp_path):
+    """The app reads DICOM through fetalseg.data.io; the core's reasons reach the client as UnprocessableError."""
+    image, _, affine = sphere_case(shape=(8, 8, 6))
+    folder = tmp_path / "two"
+    write_dicom_series(image, affine, folder, series=1)
+    write_dicom_series(image, affine, folder, series=2)
+    assert is_dicom_dir(folder)
+    with pytest.raises(UnprocessableError, match="holds 2 series"):
+        read_dicom_series(folder)
+    with pytest.raises(UnprocessableError, match="holds 2 series"):
+        load_image(folder)
+    one = write_dicom_series(image * 3, affine, tmp_path / "one")
+    np.testing.assert_array_equal(load_image(one).array, core_read_dicom_series(one).array)

@@ -1,8 +1,24 @@
+import locale
+
 import nibabel as nib
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
-from fetalseg.data.io import find_images, image_datalist, is_label_name, read_header, read_volume, stem_of, write_nifti
+from fetalseg.data.io import (
+    DicomSeriesError,
+    find_images,
+    image_datalist,
+    is_dicom_file,
+    is_dicom_series,
+    is_label_name,
+    read_dicom_series,
+    read_header,
+    read_volume,
+    stem_of,
+    write_nifti,
+)
+from tests.conftest import sphere_case, write_dicom_series
 
 
 def test_nifti_roundtrip_sets_qform_and_sform(tmp_path):
@@ -42,3 +58,63 @@ def test_names_and_discovery(tmp_path):
     assert is_label_name("x_dseg.nii.gz") and not is_label_name("x_T2w.nii.gz")
     assert [p.rsplit("/", 1)[1] for p in find_images(tmp_path)] == ["a.nrrd", "b.nii.gz"]
     assert len(image_datalist(tmp_path)) == 2
+
+
+# -- DICOM series folders: one reader for every part of the project ------------------------------------------------
+
+DICOM_AFFINES = {
+    "RAS": np.diag([2.0, 2.0, 2.0, 1.0]),
+    "LPS-anisotropic": np.array([[-1.7, 0, 0, 30], [0, -2.3, 0, 20], [0, 0, 3.1, -10], [0, 0, 0, 1]]),
+    "permuted-PIR": np.array([[0, 0, 2.5, 0], [-2.2, 0, 0, 0], [0, -1.9, 0, 0], [0, 0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DICOM_AFFINES))
+def test_dicom_series_reads_voxels_on_the_grid_it_was_written_with(tmp_path, name):
+    image, _, affine = sphere_case(shape=(12, 14, 10), affine=DICOM_AFFINES[name])
+    folder = write_dicom_series(image * 10, affine, tmp_path / "series")
+    assert is_dicom_series(folder) and is_dicom_file(next(folder.iterdir()))
+    vol = read_dicom_series(folder)
+    np.testing.assert_array_equal(vol.array, (image * 10).astype(np.int16))
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-4)
+    same = read_volume(folder)  # the generic reader takes the same path
+    np.testing.assert_array_equal(same.array, vol.array)
+    np.testing.assert_allclose(same.affine, vol.affine)
+    shape, header_affine = read_header(folder)
+    assert shape == image.shape
+    np.testing.assert_allclose(header_affine, affine, atol=1e-4)
+
+
+def test_dicom_slices_are_ordered_by_position_not_file_name(tmp_path):
+    image, _, affine = sphere_case(shape=(10, 10, 8))
+    folder = write_dicom_series(image, affine, tmp_path / "series")
+    files = sorted(folder.iterdir())
+    for i, path in enumerate(files):  # reverse the names: slice 0 is now the last file
+        path.rename(folder / f"tmp{i}")
+    for i in range(len(files)):
+        (folder / f"tmp{i}").rename(folder / f"IM{len(files) - i:04d}")
+    vol = read_dicom_series(folder)
+    np.testing.assert_array_equal(vol.array, image.astype(np.int16))
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-4)
+
+
+def test_dicom_reading_leaves_the_text_encoding_alone(tmp_path):
+    before = locale.getpreferredencoding(False)
+    image, _, affine = sphere_case(shape=(8, 8, 6))
+    read_dicom_series(write_dicom_series(image, affine, tmp_path / "s"))
+    assert locale.getpreferredencoding(False) == before  # GDCM resets LC_CTYPE; keep_locale restores it
+
+
+def test_dicom_folders_that_are_not_one_series_are_refused(tmp_path):
+    image, _, affine = sphere_case(shape=(8, 8, 6))
+    two = tmp_path / "two"
+    write_dicom_series(image, affine, two, series=1)
+    write_dicom_series(image, affine, two, series=2)
+    with pytest.raises(DicomSeriesError, match="holds 2 series"):
+        read_dicom_series(two)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("hello")
+    assert not is_dicom_series(tmp_path / "text")
+    assert not is_dicom_series(tmp_path / "missing")
+    with pytest.raises(DicomSeriesError, match="no readable DICOM image series"):
+        read_dicom_series(tmp_path / "text")

@@ -13,6 +13,7 @@ from fetalseg.data.validation import (
     load_checked_volume,
     validate_pair,
 )
+from tests.conftest import sphere_case, write_dicom_series
 
 
 def test_valid_pair_has_no_problems(write_case):
@@ -123,3 +124,25 @@ def test_error_lists_every_problem():
     err = DataValidationError(["a is bad", "b is bad"], context="site-1")
     assert "2 problems" in str(err) and "a is bad" in str(err) and "b is bad" in str(err)
     assert err.problems == ["a is bad", "b is bad"]
+
+
+def test_dicom_series_folder_is_checked_like_a_file(tmp_path):
+    """Validation reads a DICOM series folder through the core reader and applies the same rules."""
+    image, label, affine = sphere_case(shape=(12, 14, 10))
+    folder = write_dicom_series(image * 10, affine, tmp_path / "series")
+    vol = load_checked_volume(folder)
+    np.testing.assert_array_equal(vol.array, (image * 10).astype(np.int16))
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-4)
+    lab = write_nifti(label, affine, tmp_path / "label.nii.gz", dtype=np.uint8)
+    assert validate_pair(folder, lab) == []
+    shifted = affine.copy()
+    shifted[0, 3] += 2.0
+    off = write_nifti(label, shifted, tmp_path / "off.nii.gz", dtype=np.uint8)
+    assert any("affine" in p for p in validate_pair(folder, off))
+    thin = write_dicom_series(image[:, :, :2], affine, tmp_path / "thin")
+    with pytest.raises(DataValidationError, match="2D slice"):
+        load_checked_volume(thin)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    with pytest.raises(DataValidationError, match="folder is not a DICOM series"):
+        load_checked_volume(tmp_path / "notes")
