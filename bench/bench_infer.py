@@ -210,12 +210,12 @@ def run(args: argparse.Namespace, work: Path) -> int:
     elif args.train_minutes > 0:
         dice = quick_train(config, minutes=args.train_minutes, work=work, out=model_path)
         train_note = f" (trained {args.train_minutes:g} min on 64³ phantoms here, validation Dice {dice:.3f})"
-    common = config.bundle("common")
+    common = config.bundle("inference")  # the sliding-window defaults live in inference.json
     store = ModelStore(model_path, bundle=config.bundle("inference"))
     network = store.current().network
     trained = store.describe()["trained"]
 
-    default_roi, default_overlap = int(common.patch_size[0]), float(common.get("sw_overlap"))
+    default_roi, default_overlap = int(common.get("sw_roi_size")[0]), float(common.get("sw_overlap"))
     rois = [int(r) for r in args.rois.split(",") if r] or [default_roi, default_roi + 16, default_roi + 32]
     overlaps = [float(o) for o in args.overlaps.split(",") if o]
     settings = [(default_roi, default_overlap)]
@@ -229,7 +229,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
         with RssSampler(sampler_pid) as rss:
             reference = None
             for roi, overlap in settings:
-                segmenter = Segmenter(network, bundle=config.bundle("common", patch_size=[roi] * 3, sw_overlap=overlap))
+                segmenter = Segmenter(
+                    network, bundle=config.bundle("inference", sw_roi_size=[roi] * 3, sw_overlap=overlap)
+                )
                 data = segmenter.preprocess(str(image_path))
                 segmenter.logits(data)  # warm-up of this window size
                 infer_http(server.url, roi=roi, overlap=overlap)

@@ -199,7 +199,7 @@ def _segment(args: argparse.Namespace) -> int:
     from fetalseg.inference import Segmenter
 
     load_checked_volume(args.image)
-    bundle = Bundle("common", variant=args.variant)
+    bundle = Bundle("inference", variant=args.variant)  # the inference sliding-window defaults
     checkpoint = args.checkpoint or bundle.checkpoint_path
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}; train one with 'fetal-fl train' or pass --checkpoint")

@@ -13,7 +13,8 @@ Keys (all optional):
   ``bundle_overrides`` (JSON object of bundle config ids -> values): change the bundle's config for this server,
   e.g. tiny test volumes; the network and transforms still come from the bundle.
 * ``infer_roi_size`` (``80`` or ``80,80,96``): sliding-window ROI for inference only (default: the bundle's
-  ``patch_size``); a ROI just above the model grid turns many overlapping windows into one.
+  ``sw_roi_size`` in ``inference.json``, or ``patch_size`` when that is overridden); a ROI that covers the whole
+  model grid turns many overlapping windows into one.
 * ``model_path``: the served checkpoint (default: the bundle's ``models/model.pt``); training publishes there and
   ``fetal-fl app install-model`` installs there.
 * ``device``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:N``.
@@ -112,6 +113,8 @@ class AppConfig:
             overrides["pixdim"] = _triple(raw["pixdim"], "pixdim", float, minimum=0.01)
         if "patch_size" in raw:
             overrides["patch_size"] = _triple(raw["patch_size"], "patch_size", int, minimum=16, multiple=16)
+        if "patch_size" in overrides:  # a smaller/larger model patch: inference windows follow unless set
+            overrides.setdefault("sw_roi_size", overrides["patch_size"])
         if "sw_overlap" in raw:
             overrides["sw_overlap"] = _number(raw["sw_overlap"], "sw_overlap", float, low=0.0, high=0.95)
         publish = str(raw.get("train_publish", "if_better")).strip().lower()

@@ -74,9 +74,9 @@ class FetalBrainSegmentation(BasicInferTask):
     def __init__(self, *, store: ModelStore, config: AppConfig) -> None:
         self.store = store
         self.app_config = config
-        common = config.bundle("common")
-        self.default_overlap = float(common.get("sw_overlap"))
-        self.default_roi = tuple(config.infer_roi_size or common.patch_size)
+        inference = config.bundle("inference")  # sliding-window defaults live in the bundle's inference.json
+        self.default_overlap = float(inference.get("sw_overlap"))
+        self.default_roi = tuple(config.infer_roi_size or (int(v) for v in inference.get("sw_roi_size")))
         super().__init__(
             path=str(store.path),
             network=None,
@@ -119,7 +119,7 @@ class FetalBrainSegmentation(BasicInferTask):
         with self._lock:
             segmenter = self._segmenters.get(key)
             if segmenter is None:
-                bundle = self.app_config.bundle("common", sw_overlap=overlap, patch_size=list(roi))
+                bundle = self.app_config.bundle("inference", sw_overlap=overlap, sw_roi_size=list(roi))
                 segmenter = Segmenter(loaded.network, bundle=bundle, device=self.store.device)
                 self._segmenters[key] = segmenter
                 while len(self._segmenters) > _MAX_SEGMENTERS:

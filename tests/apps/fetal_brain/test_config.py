@@ -70,3 +70,15 @@ def test_unknown_keys_are_logged_not_fatal(caplog):
 def test_model_path_expands_user(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert AppConfig.from_conf({"model_path": "~/m.pt"}, env={}).model_path == Path(tmp_path / "m.pt").resolve()
+
+
+def test_inference_window_defaults_come_from_the_bundle():
+    """ROI/overlap live in the bundle's inference.json; a patch_size override carries the window along."""
+    default = AppConfig.from_conf({}, env={}).bundle("inference")
+    assert tuple(default.get("sw_roi_size")) == (64, 64, 64) and default.get("sw_overlap") == 0.25
+    assert tuple(default.inferer().roi_size) == (64, 64, 64)
+    assert tuple(AppConfig.from_conf({}, env={}).bundle("common").get("sw_roi_size")) == (48, 48, 48)  # = patch
+    smaller = AppConfig.from_conf({"pixdim": "4", "patch_size": "32"}, env={}).bundle("inference")
+    assert tuple(smaller.inferer().roi_size) == (32, 32, 32)
+    tiny = AppConfig.from_conf({"variant": "tiny"}, env={}).bundle("inference")
+    assert tuple(tiny.inferer().roi_size) == (32, 32, 32)
