@@ -21,8 +21,8 @@ Sizes (``--rounds``, ``--local-epochs``, ``--cases`` override a size's values):
 * ``--quick``: 32³ volumes at 4 mm, 4 cases per site, 3 rounds: minutes; shows the plumbing works, its numbers
   are dominated by start-up and tiny data.
 * default (medium): 48³ volumes on a 48³ grid (the bundle at 128/48 mm), 6 cases per site (3 train, 1 validation,
-  2 test), 12 rounds × 3 local epochs: about half an hour on 2 shared CPU cores, long enough for the Dice
-  values to mean something.
+  2 test), 12 rounds × 3 local epochs: 41 minutes on 2 CPU cores under load 6–9 from other work (shorter on
+  a quiet machine); centralized training reaches about 0.45 mean Dice, so the Dice values mean something.
 * ``--full``: 64³ volumes with the bundle's defaults, 8 cases per site, 10 rounds: hours on 2 CPU cores.
 
 Writes bench/results/fl.md and fl.json.
