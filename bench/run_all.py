@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "infer": ("bench_infer.py", ["--size", "64", "--variant", "tiny", "--repeats", "1"]),
     "attacks": ("bench_attacks.py", ["--cases", "8", "--epochs", "3", "--inv-iterations", "10",
                                       "--dense-iterations", "10"]),
+    "invert": ("bench_invert.py", ["--size", "64", "--repeats", "1"]),
     "load": ("bench_load.py", ["--clients", "2", "--seconds", "5"]),
     "privacy_utility": ("bench_privacy_utility.py", ["--cases", "8", "--public-cases", "4", "--rounds", "1",
                                                      "--pretrain-epochs", "1", "--eps", "8"]),
