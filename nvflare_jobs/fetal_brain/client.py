@@ -143,7 +143,8 @@ class SiteTrainer:
             ledger_path = os.environ.get(ENV_PRIVACY_LEDGER)
             if ledger_path:
                 self.ledger = SiteLedger(ledger_path)
-                self.privacy_engine.check_budget(self.ledger, dataset_id=self.dataset_id, job_id=self.job_id)
+                # check + hold the planned ε atomically: concurrent jobs at this site cannot together overspend
+                self.privacy_engine.reserve(self.ledger, dataset_id=self.dataset_id, job_id=self.job_id)
             else:
                 log.warning("site %s: no %s set: ε is accounted within this job only", self.site, ENV_PRIVACY_LEDGER)
             wrapped = self.privacy_engine.make_private(
@@ -162,6 +163,18 @@ class SiteTrainer:
         if self.ledger is not None:
             self.privacy_engine.record(self.ledger, job_id=self.job_id, dataset_id=self.dataset_id, round=round_index)
         return dict(self.privacy_engine.report())
+
+    def finish(self) -> float:
+        """At the job's end (the client loop ended, not a crash): give back the unspent part of the ε reservation.
+
+        What the site spent stays in the ledger; a crashed client never gets here, so its reservation keeps
+        counting until the site admin releases it (``fetal-fl privacy ledger release``).
+        """
+        if self.privacy_engine is None or self.ledger is None:
+            return 0.0
+        freed = self.privacy_engine.release(self.ledger, dataset_id=self.dataset_id, job_id=self.job_id)
+        log.info("site %s: %s", self.site, self.privacy_engine.summary())
+        return freed
 
     # -- one round ----------------------------------------------------------------------------------------------
     def load_global(self, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -283,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             writer.add_scalar(key, value, global_step=rnd)
         log.info("site %s round %d: %d steps, loss %.4f, %s", site, rnd, stats.steps, stats.loss, metrics)
         flare.send(flare.FLModel(params=diff, params_type=flare.ParamsType.DIFF, metrics=metrics, meta=meta))
+    trainer.finish()
 
 
 if __name__ == "__main__":

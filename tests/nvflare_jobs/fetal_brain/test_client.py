@@ -79,6 +79,9 @@ def test_dp_sgd_is_set_up_once_and_reports_epsilon_to_the_ledger(make_config, si
     monkeypatch.setenv(ENV_PRIVACY_LEDGER, str(ledger.path))
     trainer = _trainer(make_config, privacy={"dp_sgd": DP})
     assert trainer.train_model is not trainer.model  # the Opacus-wrapped module
+    ledger.reload()
+    held = ledger.dataset_status("site-2/site-2")
+    assert held.reserved_epsilon == pytest.approx(trainer.privacy_engine.planned_epsilon)  # held before training
     state = trainer.load_global(trainer.model.state_dict())
     trainer.train_round()
     report = trainer.record_privacy(0)
@@ -88,6 +91,11 @@ def test_dp_sgd_is_set_up_once_and_reports_epsilon_to_the_ledger(make_config, si
     assert (site_env / "state" / "dpsgd_site-2_job-1.json").is_file()
     ledger.reload()
     assert ledger.spent("site-2/site-2").epsilon == pytest.approx(report["epsilon"])
+    freed = trainer.finish()  # the job's clean end gives back what it did not spend
+    ledger.reload()
+    assert freed == pytest.approx(report["planned_epsilon"] - report["epsilon"], rel=1e-6)
+    assert ledger.dataset_status("site-2/site-2").reserved_epsilon == 0.0
+    assert ledger.spent("site-2/site-2").epsilon == pytest.approx(report["epsilon"])  # the spend stays
     assert torch.isfinite(torch.cat([d.flatten() for d in trainer.weight_diff(state).values()])).all()
 
 
