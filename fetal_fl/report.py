@@ -442,9 +442,9 @@ def write_report(run: DemoRun) -> Path:
             if run.size == "quick"
             else []
         ),
-        "Note: the job selects its best round on each site's held-out cases (its validation split equals the "
-        "baseline's test split), so the federated numbers are slightly optimistic; the baselines select on a "
-        "separate validation split.",
+        "Every experiment uses the same split of each site (fetalseg.baseline.split_site): it trains on the train "
+        "cases, selects its best round/epoch on the validation cases, and is scored here on the held-out test cases "
+        "only.",
         "",
         *results_section(run),
         "",
