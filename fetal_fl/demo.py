@@ -80,7 +80,7 @@ def register(subparsers: Any) -> None:
         help="synthesize 3 sites, train federatedly with privacy, compare, install the model, write a report",
         description="End-to-end demo on synthetic data: NVFlare (simulator or --poc) with DP-SGD + percentile "
         "sharing, single-site and centralized baselines at the same budget, model installed into the MONAI "
-        "Label app, report in <out>/report/. Default ~15 minutes on 2 CPU cores; --quick ~3 minutes.",
+        "Label app, report in <out>/report/. Default ~10 minutes on 2 idle CPU cores; --quick ~3 minutes.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (data, runs, report)")
     size = p.add_mutually_exclusive_group()

@@ -13,7 +13,7 @@ Keys (all optional):
   ``bundle_overrides`` (JSON object of bundle config ids -> values): change the bundle's config for this server,
   e.g. tiny test volumes; the network and transforms still come from the bundle.
 * ``infer_roi_size`` (``80`` or ``80,80,96``): sliding-window ROI for inference only (default: the bundle's
-  ``sw_roi_size`` in ``inference.json``, or ``patch_size`` when that is overridden); a ROI that covers the whole
+  ``sw_roi_size``, which is its ``patch_size``); a ROI that covers the whole
   model grid turns many overlapping windows into one.
 * ``model_path``: the served checkpoint (default: the bundle's ``models/model.pt``); training publishes there and
   ``fetal-fl app install-model`` installs there.

@@ -73,10 +73,10 @@ def test_model_path_expands_user(monkeypatch, tmp_path):
 
 
 def test_inference_window_defaults_come_from_the_bundle():
-    """ROI/overlap live in the bundle's inference.json; a patch_size override carries the window along."""
+    """ROI/overlap live in the bundle (ROI = the training patch); a patch_size override carries the window along."""
     default = AppConfig.from_conf({}, env={}).bundle("inference")
-    assert tuple(default.get("sw_roi_size")) == (64, 64, 64) and default.get("sw_overlap") == 0.25
-    assert tuple(default.inferer().roi_size) == (64, 64, 64)
+    assert tuple(default.get("sw_roi_size")) == (48, 48, 48) and default.get("sw_overlap") == 0.25
+    assert tuple(default.inferer().roi_size) == (48, 48, 48)
     assert tuple(AppConfig.from_conf({}, env={}).bundle("common").get("sw_roi_size")) == (48, 48, 48)  # = patch
     smaller = AppConfig.from_conf({"pixdim": "4", "patch_size": "32"}, env={}).bundle("inference")
     assert tuple(smaller.inferer().roi_size) == (32, 32, 32)
