@@ -468,11 +468,24 @@ def run_demo(args: argparse.Namespace) -> int:
     print("Next steps:")
     for line in next_steps(command):
         print(f"  {line}")
+    if not _on_path():
+        print(f"  (fetal-fl is not on PATH here: run `source {Path(sys.executable).parent}/activate` first)")
     if args.serve:
         print("\nstarting the server (Ctrl-C stops it) ...")
         with contextlib.suppress(KeyboardInterrupt):
-            subprocess.run(command, check=False)
+            subprocess.run(this_cli() + command[1:], check=False)
     return 0
+
+
+def this_cli() -> list[str]:
+    """``fetal-fl`` of this very installation, whether or not its environment is activated (``--serve``)."""
+    script = Path(sys.executable).with_name("fetal-fl")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "fetal_fl.cli"]
+
+
+def _on_path() -> bool:
+    found = shutil.which("fetal-fl")
+    return found is not None and Path(found).resolve().parent == Path(sys.executable).resolve().parent
 
 
 def next_steps(command: list[str]) -> list[str]:
