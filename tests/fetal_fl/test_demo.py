@@ -190,3 +190,14 @@ def test_server_from_the_printed_command_serves_infer_with_the_installed_model(d
     assert len(response.content) > 100
     described = json.dumps(info)
     assert "nvflare" in described, "the server does not report the installed federated model"
+
+
+def test_serve_uses_this_installations_cli_without_an_activated_environment() -> None:
+    """``demo --serve`` must not depend on PATH: it once failed with "No such file or directory: 'fetal-fl'"."""
+    from fetal_fl.demo import this_cli
+
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = "/usr/bin:/bin"  # no .venv/bin
+    proc = subprocess.run([*this_cli(), "app", "serve", "--help"], env=env, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "--studies" in proc.stdout
