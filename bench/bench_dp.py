@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("plain", "vmap", "functorch", "hooks", "ghost", "ew")
+MODES = ("plain", "loop", "vmap", "functorch", "hooks", "ghost", "ew")
 
 
 def _rss_peak_mb() -> float:

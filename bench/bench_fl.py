@@ -189,28 +189,35 @@ def startup_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def run_local(args: argparse.Namespace, data_root: Path) -> dict[str, Any]:
-    """The same rounds without NVFlare: each site's SiteTrainer in turn, then the weighted average of the diffs."""
+def run_local(args: argparse.Namespace, data_root: Path, **changes: Any) -> dict[str, Any]:
+    """The same rounds without NVFlare: each site's SiteTrainer in turn, then the weighted average of the diffs.
+
+    Also returns the final global weights and the one with the best mean validation Dice over the sites (what the
+    job's model selection keeps), for ``bench_fl_schedule.py``. ``changes``: job-config entries to override.
+    """
 
     from nvflare_jobs.config import JobConfig
     from nvflare_jobs.fetal_brain.client import SiteTrainer
     from nvflare_jobs.fetal_brain.model import FetalBrainNet
 
-    cfg = JobConfig.from_dict(job_config(args, data_root, "local"))
+    cfg = JobConfig.from_dict(job_config(args, data_root, "local", **changes))
     start = time.perf_counter()
     trainers = [SiteTrainer(cfg, site) for site in SITES]
     setup_s = time.perf_counter() - start
     global_state = {k: v.clone() for k, v in FetalBrainNet(cfg.bundle_overrides, init_seed=0).state_dict().items()}
-    round_s = []
+    round_s, val, best_state = [], [], global_state
     for _ in range(cfg.num_rounds):
         round_start = time.perf_counter()
-        diffs, weights = [], []
+        diffs, weights, scores = [], [], []
         for trainer in trainers:
             base = trainer.load_global(global_state)
-            trainer.validate()
+            scores.append(trainer.validate().get("val_mean_dice", float("nan")))
             stats = trainer.train_round()
             diffs.append(trainer.weight_diff(base))
             weights.append(stats.steps)
+        val.append(statistics.mean(scores))
+        if val[-1] >= max(val):
+            best_state = global_state
         total = float(sum(weights))
         global_state = {
             k: v + sum(w / total * d[k].to(v.dtype) for w, d in zip(weights, diffs)) for k, v in global_state.items()
@@ -221,6 +228,9 @@ def run_local(args: argparse.Namespace, data_root: Path) -> dict[str, Any]:
         "round_s": round_s[1:],
         "setup_s": setup_s,
         "first_round_s": setup_s + round_s[0],
+        "global_state": global_state,
+        "best_state": best_state,
+        "val_mean_dice": val,
     }
 
 

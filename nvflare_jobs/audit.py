@@ -36,10 +36,11 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
+from nvflare_jobs.config import DP_REPORT_KEY
+
 SITE_FILE = "updates.jsonl"
 SERVER_FILE = "received.jsonl"
 _PRIVACY_REPORT_KEY = "fetalfl_privacy"  # privacy.nvflare_filters.REPORT_META_KEY
-_DP_REPORT_KEY = "dp_sgd"  # nvflare_jobs.site_policy.DP_REPORT_KEY
 
 
 def _as_array(value: Any) -> np.ndarray:
@@ -122,7 +123,7 @@ def _workspace_root(fl_ctx: FLContext) -> Path | None:
 def _epsilon(meta: Mapping[str, Any]) -> tuple[float | None, float | None]:
     """(ε, δ) after this round: DP-SGD's report, else the last filter report that states one."""
     eps = delta = None
-    dp = meta.get(_DP_REPORT_KEY)
+    dp = meta.get(DP_REPORT_KEY)
     if isinstance(dp, Mapping):
         eps, delta = dp.get("epsilon"), dp.get("delta")
     for report in meta.get(_PRIVACY_REPORT_KEY) or []:

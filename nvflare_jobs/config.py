@@ -38,6 +38,8 @@ ENV_SITE_DATA = "FETALFL_SITE_DATA"  # a site's own data folder (wins over every
 ENV_DATA_ROOT = "FETALFL_DATA_ROOT"  # parent folder holding <site name>/ (wins over the job config's data.root)
 ENV_SITE_STATE = "FETALFL_SITE_STATE"  # where a site keeps per-job state that must survive a client restart
 ENV_PRIVACY_LEDGER = "FETALFL_PRIVACY_LEDGER"  # a site's privacy ledger (privacy.ledger.SiteLedger), across jobs
+# where the client puts privacy.dpsgd.SitePrivacyEngine.report() in an update's meta (checked by site_policy)
+DP_REPORT_KEY = "dp_sgd"
 
 
 class ConfigError(ValueError):

@@ -38,7 +38,9 @@ from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-DP_REPORT_KEY = "dp_sgd"  # where nvflare_jobs.fetal_brain.client puts privacy.dpsgd.SitePrivacyEngine.report()
+from nvflare_jobs.config import DP_REPORT_KEY
+
+__all__ = ["DP_REPORT_KEY"]  # re-exported: the key this module's filters read
 
 
 class PolicyViolationError(RuntimeError):

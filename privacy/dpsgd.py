@@ -73,9 +73,9 @@ NOISE_SOURCE = (
     "reproducible from any job-config seed, but not a cryptographically secure generator"
 )
 # Per-sample gradient methods: Opacus's three that work on the bundle's 3D U-Net ("ew" cannot handle
-# conv_transpose3d) and this module's "vmap". The default is chosen by bench/bench_dp.py on this model
+# conv_transpose3d) and this module's "loop" and "vmap". The default is chosen by bench/bench_dp.py on this model
 # (bench/results/dp.md).
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("vmap", "functorch", "hooks", "ghost")
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("loop", "vmap", "functorch", "hooks", "ghost")
 DEFAULT_GRAD_SAMPLE_MODE = "vmap"
 STATE_VERSION = 1
 
@@ -259,34 +259,55 @@ def _reject_batch_coupled_loss(loss_fn: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class VmapGradSampleModule(nn.Module):
-    """Per-sample gradients for Opacus's ``DPOptimizer`` from ``vmap(grad(per-sample loss))`` over the whole network.
-
-    Why: Opacus's modes work layer by layer (hooks copy activations and backprops; "functorch" vmaps each layer's
-    own forward again), 1.7–3.5× a plain step on the 3D U-Net. Vectorising the gradient of one sample's loss over
-    the batch lets PyTorch batch every convolution (its per-sample weight gradient becomes one grouped
-    convolution), close to the cost of a plain step (bench/results/dp.md).
-
-    The gradient needs the labels, so it is computed by the loss from :meth:`SitePrivacyEngine.wrap_loss`: in
-    training mode ``forward`` keeps the batch and returns the network's output *without* a graph (a loss that is
-    not the engine's cannot be back-propagated: it fails instead of training without DP); the engine's loss then
-    fills ``p.grad_sample`` (shape ``(B, *p.shape)``, the gradients of the per-sample losses) and returns their
-    mean. In eval mode or without grad it is the plain network.
-    """
+class _PerSampleGradModule(nn.Module):
+    """Base of the engine's own per-sample gradient modes: the loss from :meth:`SitePrivacyEngine.wrap_loss`
+    fills ``p.grad_sample`` (shape ``(B, *p.shape)``, the gradients of the per-sample losses) for Opacus's
+    ``DPOptimizer`` and returns their mean. In eval mode or without grad the module is the plain network."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self._module = module
         self._trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self._pending: torch.Tensor | None = None
         for _, p in self._trainable:
             p.grad_sample = None
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        if int(x.shape[0]) == 0:
+            raise ValueError("empty batch: the DP engine takes a noise-only step for an empty Poisson draw instead")
+
+    def _check_ready(self, batch: int, target: torch.Tensor) -> None:
+        if int(target.shape[0]) != batch:
+            raise ValueError(f"{target.shape[0]} targets for a batch of {batch}")
+        if any(p.grad_sample is not None for _, p in self._trainable):
+            raise RuntimeError("per-sample gradients of the previous batch are still there: call zero_grad() first")
+
+    def compute_grad_samples(
+        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class VmapGradSampleModule(_PerSampleGradModule):
+    """Per-sample gradients from ``vmap(grad(per-sample loss))`` over the whole network.
+
+    Why: Opacus's modes work layer by layer (hooks copy activations and backprops; "functorch" vmaps each layer's
+    own forward again), 1.7–3.5× a plain step on the 3D U-Net. Vectorising the gradient of one sample's loss over
+    the batch lets PyTorch batch every convolution (its per-sample weight gradient becomes one grouped
+    convolution): the least CPU time of all modes, but grouped convolutions use one core (bench/results/dp.md).
+
+    The gradient needs the labels, so in training mode ``forward`` keeps the batch and returns the network's output
+    *without* a graph (a loss that is not the engine's cannot be back-propagated: it fails instead of training
+    without DP); the engine's loss then computes the gradients.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self._pending: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return self._module(x)
-        if int(x.shape[0]) == 0:
-            raise ValueError("empty batch: the DP engine takes a noise-only step for an empty Poisson draw instead")
+        self._check_batch(x)
         self._pending = _plain_tensor(x)
         with torch.no_grad():
             return self._module(self._pending)
@@ -298,10 +319,7 @@ class VmapGradSampleModule(nn.Module):
         x, self._pending = self._pending, None
         if x is None:
             raise RuntimeError("run the model on the batch before computing its loss")
-        if int(target.shape[0]) != int(x.shape[0]):
-            raise ValueError(f"{target.shape[0]} targets for a batch of {x.shape[0]}")
-        if any(p.grad_sample is not None for _, p in self._trainable):
-            raise RuntimeError("per-sample gradients of the previous batch are still there: call zero_grad() first")
+        self._check_ready(int(x.shape[0]), target)
         params = {n: p.detach() for n, p in self._trainable}
         module = self._module
 
@@ -314,6 +332,72 @@ class VmapGradSampleModule(nn.Module):
         for name, p in self._trainable:
             p.grad_sample = grads[name].detach()
         return losses.detach()
+
+
+class LoopGradSampleModule(_PerSampleGradModule):
+    """Per-sample gradients from one ordinary forward and backward pass per sample (micro-batches of one).
+
+    Why: the network has no coupling between the samples of a batch (instance norm; Opacus's validator refuses
+    batch norm), so the gradient of sample i's loss computed on sample i alone IS its per-sample gradient, exactly.
+    A plain step on B samples costs about B one-sample steps on a CPU, and every pass uses the ordinary
+    multi-threaded convolution kernels: close to a plain step in wall-clock time on a multi-core site, where
+    ``vmap``'s grouped convolutions run on one core (bench/results/dp.md). Memory: the B graphs are held at once,
+    as a plain step holds its batch's graph.
+
+    In training mode ``forward`` runs each sample through the network with autograd and returns the outputs
+    detached (a loss that is not the engine's has no graph to back-propagate: it fails instead of training
+    without DP); the engine's loss back-propagates each sample's loss alone into ``p.grad_sample``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self._outputs: list[torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return self._module(x)
+        self._check_batch(x)
+        x = _plain_tensor(x)
+        self._outputs = [self._module(x[i : i + 1]) for i in range(int(x.shape[0]))]
+        return torch.cat([o.detach() for o in self._outputs])
+
+    def compute_grad_samples(
+        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
+        """Set ``p.grad_sample`` for the batch of the last forward; return the per-sample losses."""
+        outputs, self._outputs = self._outputs, None
+        if outputs is None:
+            raise RuntimeError("run the model on the batch before computing its loss")
+        self._check_ready(len(outputs), target)
+        params = [p for _, p in self._trainable]
+        per_param: list[list[torch.Tensor]] = [[] for _ in params]
+        losses = []
+        for i, out in enumerate(outputs):
+            loss = loss_fn(out, target[i : i + 1]).reshape(())
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for j, (g, p) in enumerate(zip(grads, params)):
+                per_param[j].append(torch.zeros_like(p) if g is None else g)
+            losses.append(loss.detach())
+        for p, gs in zip(params, per_param):
+            p.grad_sample = torch.stack(gs)
+        return torch.stack(losses)
+
+
+class LoopLoss(nn.Module):
+    """The engine's loss in "loop" mode: per-sample gradients into ``p.grad_sample``, returns the batch loss.
+
+    Each sample's loss is the given loss on that sample alone, so the update is the mean of per-sample terms by
+    construction; losses that pool the batch (``batch=True``) are refused before (``wrap_loss``).
+    """
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], module: LoopGradSampleModule):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.module = module
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        losses = self.module.compute_grad_samples(self.loss_fn, _plain_tensor(target))
+        return losses.mean().requires_grad_(True)  # backward() of this leaf touches no weight
 
 
 class VmapLoss(nn.Module):
@@ -351,6 +435,9 @@ class VmapLoss(nn.Module):
             self.verified = True
         losses = self.module.compute_grad_samples(self.sample_loss_fn, vtarget)
         return losses.mean().requires_grad_(True)  # backward() of this leaf touches no weight
+
+
+OWN_MODES: dict[str, type[_PerSampleGradModule]] = {"vmap": VmapGradSampleModule, "loop": LoopGradSampleModule}
 
 
 def _vmappable_loss(loss_fn: Any) -> tuple[Any, bool]:
@@ -675,8 +762,8 @@ class SitePrivacyEngine:
                 f"the engine was set up for batch_size={self.batch_size} but the loader uses {data_loader.batch_size}"
             )
         mode = self.config.grad_sample_mode
-        if mode == "vmap":
-            wrapped: nn.Module = VmapGradSampleModule(model)
+        if mode in OWN_MODES:
+            wrapped: nn.Module = OWN_MODES[mode](model)
         else:
             extra = {"max_grad_norm": self.max_grad_norm} if mode == "ghost" else {}
             wrapped = prepare_module(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra)
@@ -687,7 +774,7 @@ class SitePrivacyEngine:
             first.device if first is not None else torch.device("cpu"),
         )
         optim_class = get_optimizer_class(
-            clipping="flat", distributed=False, grad_sample_mode="hooks" if mode == "vmap" else mode
+            clipping="flat", distributed=False, grad_sample_mode="hooks" if mode in OWN_MODES else mode
         )
         dp_optimizer = optim_class(
             optimizer=optimizer,
@@ -723,6 +810,8 @@ class SitePrivacyEngine:
             raise RuntimeError(f"call make_private before wrap_loss in {mode} mode")
         if mode == "vmap":
             return VmapLoss(loss_fn, self._wrapped)  # type: ignore[arg-type]
+        if mode == "loop":
+            return LoopLoss(loss_fn, self._wrapped)  # type: ignore[arg-type]
         return _GhostLoss(self._wrapped, self._optimizer, PerSampleLoss(loss_fn), loss_reduction="mean")  # type: ignore[arg-type]
 
     # -- weights ---------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from fetalseg.metrics import nanmean
 from fetalseg.training import build_train_dataset, build_train_loader, train_epoch
 from nvflare_jobs.config import (
     CONFIG_FILE_NAME,
+    DP_REPORT_KEY,
     ENV_PRIVACY_LEDGER,
     ENV_SITE_STATE,
     JobConfig,
@@ -46,7 +47,6 @@ from nvflare_jobs.config import (
 )
 from nvflare_jobs.fetal_brain.model import FetalBrainNet, to_state_dict
 from nvflare_jobs.plan import dp_settings_for, site_split
-from nvflare_jobs.site_policy import DP_REPORT_KEY
 
 log = logging.getLogger("fetal_fl.client")
 

@@ -18,6 +18,8 @@ from privacy.dpsgd import (
     GRAD_SAMPLE_MODES,
     SCOPE,
     DPSGDConfig,
+    LoopGradSampleModule,
+    LoopLoss,
     PerSampleLoss,
     SitePrivacyEngine,
     VmapGradSampleModule,
@@ -102,7 +104,7 @@ def _tiny_batch(n: int = 3, size: int = 16, seed: int = 0):
     return torch.randn(n, 1, size, size, size, generator=g), torch.randint(0, 8, (n, 1, size, size, size), generator=g)
 
 
-@pytest.mark.parametrize("mode", ["vmap", "functorch", "hooks"])
+@pytest.mark.parametrize("mode", ["loop", "vmap", "functorch", "hooks"])
 def test_per_sample_gradients_match_one_sample_at_a_time(tiny_bundle, mode):
     torch.manual_seed(0)
     net = tiny_bundle.network()
@@ -117,6 +119,9 @@ def test_per_sample_gradients_match_one_sample_at_a_time(tiny_bundle, mode):
     if mode == "vmap":
         wrapped = VmapGradSampleModule(net)
         VmapLoss(loss_fn, wrapped)(wrapped(x), y).backward()
+    elif mode == "loop":
+        wrapped = LoopGradSampleModule(net)
+        LoopLoss(loss_fn, wrapped)(wrapped(x), y).backward()
     else:
         wrapped = prepare_module(net, grad_sample_mode=mode, batch_first=True, loss_reduction="mean")
         loss_fn(wrapped(x), y).backward()
@@ -166,7 +171,7 @@ def _one_dp_update(tiny_bundle, *, mode: str, loss: str) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in net.parameters()]) - before
 
 
-@pytest.mark.parametrize("mode", ["ghost", "vmap"])
+@pytest.mark.parametrize("mode", ["ghost", "vmap", "loop"])
 def test_dp_update_is_the_same_with_every_mode(tiny_bundle, mode):
     functorch = _one_dp_update(tiny_bundle, mode="functorch", loss="checked")
     other = _one_dp_update(tiny_bundle, mode=mode, loss="per-sample")
@@ -359,8 +364,9 @@ def test_ledger_records_the_cumulative_epsilon(tiny_bundle, make_loader, ledger_
     assert rec["scope"] == SCOPE
 
 
-def test_misuse_is_refused(tiny_bundle, make_loader):
-    engine = _engine()
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_misuse_is_refused(tiny_bundle, make_loader, mode):
+    engine = _engine(grad_sample_mode=mode)
     net = tiny_bundle.network()
     plain_loader = make_loader(2)
     model, optimizer, _ = engine.make_private(
@@ -371,8 +377,7 @@ def test_misuse_is_refused(tiny_bundle, make_loader):
     # stepping on batches that did not come from the Poisson loader would make ε wrong
     with pytest.raises(RuntimeError, match="without a batch from the engine's Poisson loader"):
         train_step(model, next(iter(plain_loader)), optimizer, engine.wrap_loss(tiny_bundle.loss()))
-    # vmap mode: a loss that is not the engine's has nothing to back-propagate (it cannot train without DP)
-    assert engine.config.grad_sample_mode == "vmap"
+    # the engine's own modes: a loss that is not the engine's has nothing to back-propagate (no training without DP)
     with pytest.raises(RuntimeError, match="does not require grad"):
         train_step(model, next(iter(plain_loader)), optimizer, tiny_bundle.loss())
     assert engine.steps == 0

@@ -1,0 +1,193 @@
+"""How many passes FedAvg needs to match centralized training, and how to split them into rounds × local epochs.
+
+Why: at the same number of passes over the data, FedAvg takes about one third of the pooled model's sequential
+optimizer steps (each site trains on a third of the cases, and the three sites' steps are averaged, not chained),
+so a short budget compares an under-trained federated model with a better-trained pooled one. This benchmark
+trains both at several budgets (passes over each training case) and several local-epoch splits, on the demo's
+synthetic 3-site federation (64³, 10 cases per site, split with ``fetalseg.baseline.split_site``), and scores them
+on the same held-out test cases as ``bench_fl.py``.
+
+FedAvg here is the job's own site code without NVFlare (``bench_fl.run_local``: each site's ``SiteTrainer``,
+weighted average of the diffs by steps), so many budgets can run in parallel processes; ``bench_fl.py`` runs the
+real NVFlare job. Both models are chosen on validation Dice (the pooled one every 10 epochs, the federated one
+every round, as the job's server does); the federated final model is reported too.
+
+    python bench/bench_fl_schedule.py                    # CPU: hours (9 trainings); on a GPU: minutes
+    python bench/bench_fl_schedule.py --budgets 60 --local-epochs 2 --parallel 1
+
+Writes bench/results/fl_schedule.md (+ .json). Goal (issue 3): FedAvg ≥ centralized − 0.01.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import bench_fl  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+def train_one(run: dict[str, Any], data_root: Path) -> dict[str, Any]:
+    """One training (``run['method']`` = centralized or fedavg) at ``run['budget']`` passes; test Dice."""
+    import torch
+
+    from fetalseg.bundle import Bundle
+    from fetalseg.training import fit
+    from nvflare_jobs.fetal_brain.model import FetalBrainNet
+
+    if run.get("threads"):
+        torch.set_num_threads(int(run["threads"]))
+    splits = bench_fl.site_splits(data_root)
+    test = [c for s in splits for c in s.test]
+    start = time.perf_counter()
+    out = dict(run)
+    if run["method"] == "centralized":
+        train = [c for s in splits for c in s.train]
+        val = [c for s in splits for c in s.val]
+        net = FetalBrainNet({}, init_seed=0).net  # the same initial weights as the federated jobs
+        model, result = fit(
+            Bundle("train"), train, val, max_epochs=run["budget"], val_interval=10, network=net, seed=run["seed"]
+        )
+        out["dice"] = bench_fl.score(model, test, {})
+        out["best_epoch"] = result.best_epoch
+    else:
+        args = argparse.Namespace(rounds=run["budget"] // run["local_epochs"], local_epochs=run["local_epochs"])
+        args.overrides = {}
+        local = bench_fl.run_local(args, data_root, training={"local_epochs": run["local_epochs"], "seed": run["seed"]})
+        net = FetalBrainNet({}, init_seed=0)
+        net.load_state_dict(local["best_state"])
+        out["dice"] = bench_fl.score(net.net, test, {})
+        net.load_state_dict(local["global_state"])
+        out["dice_final"] = bench_fl.score(net.net, test, {})
+        out["val_mean_dice"] = local["val_mean_dice"]
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def plan(budgets: list[int], local_epochs: list[int], seeds: list[int]) -> list[dict[str, Any]]:
+    runs = []
+    for seed in seeds:
+        for budget in budgets:
+            runs.append({"method": "centralized", "budget": budget, "local_epochs": None, "seed": seed})
+            runs += [
+                {"method": "fedavg", "budget": budget, "local_epochs": le, "seed": seed}
+                for le in local_epochs
+                if budget % le == 0
+            ]
+    return runs
+
+
+def table(results: list[dict[str, Any]]) -> list[str]:
+    central = {(r["budget"], r["seed"]): r["dice"] for r in results if r["method"] == "centralized"}
+    lines = [
+        "| passes | method | rounds × local epochs | seed | test mean Dice | Δ vs centralized | goal (≥ −0.01) "
+        "| FedAvg final model | train + score (s) |",
+        "|---:|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in sorted(
+        results, key=lambda r: (r["budget"], r["seed"], r["method"] != "centralized", r["local_epochs"] or 0)
+    ):
+        ref = central.get((r["budget"], r["seed"]))
+        fed = r["method"] == "fedavg"
+        delta = r["dice"] - ref if ref is not None else float("nan")
+        split = f"{r['budget'] // r['local_epochs']} × {r['local_epochs']}" if fed else f"{r['budget']} epochs"
+        goal = ("met" if delta >= -0.01 else "not met") if fed and ref is not None else "–"
+        final = f"{r['dice_final']:.4f}" if fed else "–"
+        lines.append(
+            f"| {r['budget']} | {'FedAvg' if fed else 'centralized'} | {split} | {r['seed']} | {r['dice']:.4f} | "
+            f"{delta:+.4f} | {goal} | {final} | {r['seconds']:.0f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="60,120,240", help="passes over each training case (comma-separated)")
+    ap.add_argument("--local-epochs", default="2,6", help="FedAvg local epochs per round (comma-separated)")
+    ap.add_argument("--seeds", default="0", help="training seeds (comma-separated)")
+    ap.add_argument("--cases", type=int, default=10, help="cases per site (the demo's default)")
+    ap.add_argument("--size", type=int, default=64, help="volume edge in voxels (the demo's default)")
+    ap.add_argument("--parallel", type=int, default=1, help="trainings at once (one process each)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per training (0: torch's default)")
+    ap.add_argument("--work", type=Path, help="keep the synthetic federation here")
+    ap.add_argument("--out", type=Path, default=RESULTS / "fl_schedule.md")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    bench_fl._setup_environment()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_fl_schedule_"))
+    data_root = work / "federation"
+    if args.one:
+        print(json.dumps(train_one(json.loads(args.one), data_root)), flush=True)
+        return
+
+    import torch
+
+    from fetalseg.data.federation import write_federation
+
+    if not data_root.exists():
+        edge = args.size
+        write_federation(data_root, n_sites=3, cases_per_site=args.cases, shape=(edge, edge, edge), seed=0)
+    runs = plan(
+        [int(b) for b in args.budgets.split(",")],
+        [int(e) for e in args.local_epochs.split(",")],
+        [int(s) for s in args.seeds.split(",")],
+    )
+    splits = bench_fl.site_splits(data_root)
+    counts = f"{len(splits[0].train)} train / {len(splits[0].val)} validation / {len(splits[0].test)} test"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    pending = list(runs)
+    active: list[tuple[dict[str, Any], subprocess.Popen]] = []
+    while pending or active:
+        while pending and len(active) < max(args.parallel, 1):
+            run = pending.pop(0) | {"threads": args.threads}
+            cmd = [sys.executable, __file__, "--one", json.dumps(run), "--work", str(work)]
+            active.append((run, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)))
+        run, proc = active.pop(0)
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"training {run} failed (exit {proc.returncode})")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"[bench_fl_schedule] {r['method']} {r['budget']} passes le={r['local_epochs']}: {r['dice']:.4f}")
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# FedAvg vs centralized by training budget (synthetic 3-site federation)",
+        "",
+        f"{now}, {device}, torch {torch.__version__}, {args.parallel} training(s) at once; "
+        f"{args.size}³ volumes, {args.cases} cases per site ({counts} at site-1); whole run "
+        f"{(time.perf_counter() - started) / 60:.1f} min. Test mean Dice over the 7 tissues on the "
+        f"{sum(len(s.test) for s in splits)} held-out cases "
+        "of all sites; models chosen on validation Dice. FedAvg = the job's site code and weighted average without "
+        "NVFlare (`bench_fl.run_local`).",
+        "",
+        *table(results),
+        "",
+        f"Host: {platform.machine()}. Seconds are wall-clock with {args.parallel} trainings sharing the machine.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"args": vars(args), "results": results}, default=str, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
