@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                                         "--single-minutes", "0.25", "--epochs", "3"]),
     "dp": ("bench_dp.py", ["--size", "32", "--steps", "1", "--warmup", "1", "--rounds", "1"]),
     "fl": ("bench_fl.py", ["--quick"]),
+    "fl_overhead": ("bench_fl_overhead.py", ["--size", "32", "--cases", "4", "--rounds", "2", "--local-epochs", "1"]),
     "fl_schedule": ("bench_fl_schedule.py", ["--size", "32", "--cases", "4", "--budgets", "2", "--local-epochs", "1"]),
     "infer": ("bench_infer.py", ["--size", "64", "--variant", "tiny", "--repeats", "1"]),
     "attacks": ("bench_attacks.py", ["--cases", "8", "--epochs", "3", "--inv-iterations", "10",
