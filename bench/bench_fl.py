@@ -481,7 +481,9 @@ def main() -> None:
         ),
         "",
         f"Goal FedAvg ≥ centralized − 0.01: **{'met' if fed >= centralized - 0.01 else 'not met'}** "
-        f"({fed:.4f} vs {centralized:.4f}).",
+        f"({fed:.4f} vs {centralized:.4f}). At equal passes FedAvg makes about a third of the pooled model's "
+        "sequential optimizer steps (each site trains on a third of the cases, and the sites' steps are averaged, "
+        "not chained); `bench/bench_fl_schedule.py` finds the budget at which it catches up.",
         "",
         "## Overhead: FedAvg in NVFlare's simulator ÷ the same local rounds without NVFlare",
         "",

@@ -3,7 +3,8 @@
 NIfTI goes through nibabel (its affine is already RAS); NRRD/MHA and DICOM series folders go through SimpleITK,
 whose LPS direction matrix is converted. Every part of the project (validation, training data, inference, the
 MONAI Label app) reads a DICOM series folder through :func:`read_dicom_series`, so they all see the same voxels on
-the same grid. Writing is atomic (temp file + rename) so a crash never leaves half a volume behind.
+the same grid. Writing is atomic (temp file + rename) so a crash never leaves half a volume behind. Importing this
+module makes nibabel use ISA-L for ``.nii.gz`` when ``isal`` is installed (:mod:`fetalseg.data.gzip_codec`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from fetalseg.data import gzip_codec
+
+gzip_codec.install()
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
