@@ -4,8 +4,10 @@
     python bench/run_all.py --quick    # smoke runs in minutes, results in bench/results/quick/, README updated
     python bench/run_all.py --only dp,infer --no-readme
 
-The README section lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->``; it is replaced by the title
-and first table of each ``<results>/*.md``, so the README always shows what the scripts last measured.
+The README section lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->``; it is replaced by one table of
+headline measures with their goals and computed verdicts (``bench/summary.py``, from each ``<results>/*.json``),
+then the title and first table of any result it has no summary for, and links to every full table: the README
+always shows what the scripts last measured.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path[:0] = [p for p in (str(HERE), str(REPO)) if p not in sys.path]
+
+import summary  # noqa: E402  (bench/summary.py: the headline table)
+
 RESULTS = HERE / "results"
 README = REPO / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -55,23 +61,35 @@ def replace_section(text: str, body: str, *, start: str = START, end: str = END)
     return text[: i + len(start)] + "\n" + body.strip() + "\n" + text[j:]
 
 
+def _first_table(path: Path) -> tuple[str, list[str]]:
+    lines = path.read_text().splitlines()
+    title = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#")), path.stem)
+    table: list[str] = []
+    for ln in lines:
+        if ln.startswith("|"):
+            table.append(ln)
+        elif table:
+            break
+    return title, table
+
+
 def summarize_results(folder: Path) -> str:
-    """Title and first table of every result file, as Markdown for the README."""
-    parts = []
+    """Headline table (goals, verdicts) from the JSON results; title and first table of the others; links."""
+    rows: list[summary.Row] = []
+    parts, links = [], []
     for path in sorted(folder.glob("*.md")):
-        lines = path.read_text().splitlines()
-        title = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#")), path.stem)
-        table: list[str] = []
-        for ln in lines:
-            if ln.startswith("|"):
-                table.append(ln)
-            elif table:
-                break
         rel = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        links.append(f"[{path.stem}]({rel})")
+        data = path.with_suffix(".json")
+        if path.stem in summary.SUMMARIZERS and data.exists():
+            rows += summary.summarize(path.stem, data)
+            continue
+        title, table = _first_table(path)
         parts.append(f"**{title}** ([{rel.name}]({rel}))\n\n" + ("\n".join(table) if table else "(no table)"))
-    if not parts:
+    if not links:
         return "No benchmark results yet: run `python bench/run_all.py`."
-    return "\n\n".join(parts)
+    body = [summary.table(rows)] if rows else []
+    return "\n\n".join(body + parts + ["Full tables: " + ", ".join(links) + "."])
 
 
 def update_readme(folder: Path, readme: Path = README) -> Path:

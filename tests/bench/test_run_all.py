@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,17 @@ def test_a_quick_run_writes_its_results_outside_the_reference_folder(tmp_path: P
     written = (tmp_path / "baseline.md").read_text()
     assert "| site |" in written and "Dice" in written
     assert (REPO / "bench" / "results" / "baseline.md").read_text() == reference
+
+
+def test_results_with_a_summary_become_rows_with_goals_and_the_rest_keep_their_table(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    row = {"roi": 48, "overlap": 0.25, "grid": [65, 65, 65], "sw_s": 0.5, "local_s": 1.0, "infer_s": 1.1}
+    (results / "infer.json").write_text(json.dumps({"rows": [row], "peak_rss": 2**30}))
+    (results / "infer.md").write_text("# Infer\n\n| stale | hand table |\n")
+    (results / "other.md").write_text("# Other bench\n\n| k | v |\n|---|---|\n| x | 1 |\n")
+    text = run_all.summarize_results(results)
+    assert "| infer | /infer ÷ bare sliding window" in text and "2.20×" in text and "| ≤ 1.25× | not met |" in text
+    assert "stale" not in text  # a summarized result is not repeated as its first table
+    assert "**Other bench**" in text and "| x | 1 |" in text
+    assert "[infer](" in text and "[other](" in text  # links to every full table

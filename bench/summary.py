@@ -1,0 +1,299 @@
+"""The README's benchmark table: one row per headline measure, read from the benchmarks' JSON results, with its goal.
+
+Why a module: the README must show what the scripts last measured and whether each goal is met, and nobody should
+type those numbers by hand. Each benchmark's result file ``bench/results/<name>.json`` is read by one function
+here that knows its layout; a result without such a function (or without JSON) is shown by ``run_all`` as the
+title and first table of its Markdown file instead. Verdicts are computed from the numbers, never written.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Row:
+    """One headline measure: ``verdict`` is "met", "not met" or "–" (no goal)."""
+
+    benchmark: str
+    measure: str
+    result: str
+    goal: str
+    verdict: str
+
+
+def _verdict(ok: bool | None) -> str:
+    return "–" if ok is None else ("met" if ok else "not met")
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}×"
+
+
+def infer(d: dict[str, Any], name: str = "infer") -> list[Row]:
+    """The first row is the bundle's default sliding-window setting (``bench_infer.py`` measures it first)."""
+    r = d["rows"][0]
+    ratio = r["infer_s"] / r["sw_s"]
+    setting = f"ROI {r['roi']}, overlap {r['overlap']}, model grid {'×'.join(str(g) for g in r['grid'])}"
+    return [
+        Row(
+            name,
+            f"/infer ÷ bare sliding window ({setting})",
+            f"{r['infer_s']:.2f} s ÷ {r['sw_s']:.2f} s = {_ratio(ratio)}",
+            "≤ 1.25×",
+            _verdict(ratio <= 1.25),
+        ),
+        Row(
+            name,
+            "/infer ÷ the same segmentation in-process (server overhead)",
+            f"{_ratio(r['infer_s'] / r['local_s'])}; peak RSS {d['peak_rss'] / 2**30:.2f} GiB",
+            "–",
+            "–",
+        ),
+    ]
+
+
+def dp(d: dict[str, Any]) -> list[Row]:
+    from privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE
+
+    mode = DEFAULT_GRAD_SAMPLE_MODE
+    rows = []
+    for threads, table in sorted(d["tables"].items()):
+        plain, dpm = table["rows"]["plain"], table["rows"].get(mode)
+        if not dpm:
+            continue
+        t = dpm["cpu_s"] / plain["cpu_s"] if threads == "1" else dpm["step_s"] / plain["step_s"]
+        mem = dpm["step_memory_mb"] / plain["step_memory_mb"]
+        what = "CPU time" if threads == "1" else "wall-clock"
+        rows.append(
+            Row(
+                "dp",
+                f"DP-SGD step ÷ plain step, default mode `{mode}`, {threads} thread(s), {what} / step memory",
+                f"{_ratio(t)} / {_ratio(mem)}",
+                "≤ 1.5× / ≤ 2×",
+                _verdict(t <= 1.5 and mem <= 2.0),
+            )
+        )
+    return rows
+
+
+def fl(d: dict[str, Any]) -> list[Row]:
+    o = d["overhead"]
+    util = {u["method"]: u["dice"] for u in d["utility"]}
+    central = next(v for k, v in util.items() if k.startswith("centralized"))
+    fedavg = util["FedAvg"]
+    full = d["bytes"][0]["bytes"]
+    sparse = next(b["bytes"] for b in d["bytes"] if "Sparse" in b["payload"])
+    return [
+        Row(
+            "fl",
+            "FedAvg held-out Dice − centralized, same passes",
+            f"{fedavg:.3f} − {central:.3f} = {fedavg - central:+.3f}",
+            "≥ −0.01",
+            _verdict(fedavg >= central - 0.01),
+        ),
+        Row(
+            "fl",
+            "NVFlare simulator ÷ the same rounds without NVFlare, per round / end to end",
+            f"{_ratio(o['ratio_round'])} / {_ratio(o['ratio_wall'])}",
+            "≤ 1.15×",
+            _verdict(o["ratio_round"] <= 1.15 and o["ratio_wall"] <= 1.15),
+        ),
+        Row(
+            "fl",
+            "bytes per site per round, sparse percentile sharing ÷ full update",
+            f"{sparse:,} ÷ {full:,} = {sparse / full:.3f}",
+            "≤ 0.25",
+            _verdict(sparse / full <= 0.25),
+        ),
+    ]
+
+
+def fl_overhead(d: dict[str, Any]) -> list[Row]:
+    rows = []
+    for r in d["rows"]:
+        rows.append(
+            Row(
+                "fl_overhead",
+                f"NVFlare ÷ local, {r['local_epochs']} local epoch(s) per round ({r['local_round_s']:.1f} s local), "
+                f"task request interval {r['task_request_interval_s']:g} s: per round / end to end",
+                f"{_ratio(r['ratio_round'])} / {_ratio(r['ratio_wall'])}",
+                "≤ 1.15×",
+                _verdict(r["ratio_round"] <= 1.15 and r["ratio_wall"] <= 1.15),
+            )
+        )
+    return rows
+
+
+def fl_schedule(d: dict[str, Any]) -> list[Row]:
+    """Per budget: the FedAvg split whose worst seed is closest to centralized (same seed)."""
+    results = d["results"]
+    central = {(r["budget"], r["seed"]): r["dice"] for r in results if r["method"] == "centralized"}
+    rows = []
+    for budget in sorted({r["budget"] for r in results}):
+        best: tuple[float, int, list[float]] | None = None
+        for le in sorted({r["local_epochs"] for r in results if r["method"] == "fedavg" and r["budget"] == budget}):
+            gaps = [
+                r["dice"] - central[(budget, r["seed"])]
+                for r in results
+                if r["method"] == "fedavg" and r["budget"] == budget and r["local_epochs"] == le
+            ]
+            if gaps and (best is None or min(gaps) > best[0]):
+                best = (min(gaps), le, gaps)
+        if best is None:
+            continue
+        worst, le, gaps = best
+        rows.append(
+            Row(
+                "fl_schedule",
+                f"FedAvg − centralized at {budget} passes, best split {budget // le} rounds × {le} local epochs "
+                f"({len(gaps)} seed(s))",
+                ", ".join(f"{g:+.3f}" for g in gaps),
+                "≥ −0.01 every seed",
+                _verdict(worst >= -0.01),
+            )
+        )
+    return rows
+
+
+def attacks(d: dict[str, Any]) -> list[Row]:
+    dp_rows = [m for m in d["membership"] if m.get("epsilon") is not None and m["epsilon"] <= 8.0 + 1e-9]
+    rows = []
+    if dp_rows:
+        worst = max(m["auc"] for m in dp_rows)
+        rows.append(
+            Row(
+                "attacks",
+                f"membership inference AUC, DP-SGD at ε ≤ 8 (worst of {len(dp_rows)} models)",
+                f"{worst:.2f}",
+                "≤ 0.55",
+                _verdict(worst <= 0.55),
+            )
+        )
+    plain = [m for m in d["membership"] if m.get("epsilon") is None and "from scratch" in m["model"]]
+    if plain:
+        auc = f"{plain[0]['auc']:.2f}"
+        rows.append(Row("attacks", "membership inference AUC, non-private from scratch", auc, "–", "–"))
+    for inv in d.get("inversion", []):
+        rows.append(
+            Row(
+                "attacks",
+                f"gradient inversion SSIM (lower is safer), {inv['filter']}, {inv['model']}",
+                f"{inv['ssim']:.2f}",
+                "–",
+                "–",
+            )
+        )
+    return rows
+
+
+def privacy_utility(d: dict[str, Any], name: str = "privacy_utility") -> list[Row]:
+    rows = []
+    runs = d["rows"]
+    for start in sorted({r["start"] for r in runs}):
+        plain = next((r for r in runs if r["start"] == start and r.get("target_epsilon") is None), None)
+        for r in runs:
+            eps = r.get("target_epsilon")
+            if r["start"] != start or eps is None or plain is None:
+                continue
+            gap = r["dice"]["all"] - plain["dice"]["all"]
+            rows.append(
+                Row(
+                    name,
+                    f"held-out Dice, DP-SGD ε ≈ {r.get('epsilon', eps):.1f} − non-private ({start} start)",
+                    f"{r['dice']['all']:.3f} − {plain['dice']['all']:.3f} = {gap:+.3f}",
+                    "≥ −0.05 at ε ≤ 8" if eps <= 8 else "–",
+                    _verdict(gap >= -0.05) if eps <= 8 else "–",
+                )
+            )
+    if not rows and runs:  # a run that compared against a separate non-private run: show its own numbers
+        rows = [
+            Row(
+                name,
+                f"held-out Dice, {r['run']} (no non-private run in this file)",
+                f"{r['dice']['all']:.3f}",
+                "–",
+                "–",
+            )
+            for r in runs
+        ]
+    return rows
+
+
+def load(d: dict[str, Any]) -> list[Row]:
+    return [
+        Row(
+            "load",
+            f"{d['clients']} clients × {d['seconds']:.0f} s on /info, /infer, label save: errors",
+            f"{d['errors']} errors, {d['requests_per_s']:.1f} req/s",
+            "0 errors",
+            _verdict(d["errors"] == 0),
+        )
+    ]
+
+
+def baseline(d: dict[str, Any]) -> list[Row]:
+    central = d["centralized"]["summary"]["all"]["mean"]["dice"]
+    drops = []
+    for site, run in d["single_site"].items():
+        summ = run["summary"]
+        others = [summ[s]["mean"]["dice"] for s in summ if s not in (site, "all")]
+        if others:
+            drops.append(summ[site]["mean"]["dice"] - statistics.mean(others))
+    rows = [
+        Row(
+            "baseline",
+            f"centralized held-out mean Dice ({d['centralized']['train_seconds'] / 60:.1f} min training)",
+            f"{central:.3f}",
+            "≥ 0.80",
+            _verdict(central >= 0.80),
+        )
+    ]
+    if drops:
+        drop = statistics.mean(drops)
+        rows.append(
+            Row(
+                "baseline",
+                "single-site model: own site − other sites (mean Dice)",
+                f"{drop:.3f}",
+                "≥ 0.05",
+                _verdict(drop >= 0.05),
+            )
+        )
+    return rows
+
+
+SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "infer": infer,
+    "infer_feta": lambda d: infer(d, "infer_feta"),
+    "dp": dp,
+    "fl": fl,
+    "fl_overhead": fl_overhead,
+    "fl_schedule": fl_schedule,
+    "attacks": attacks,
+    "privacy_utility": privacy_utility,
+    "privacy_utility_eps2": lambda d: privacy_utility(d, "privacy_utility_eps2"),
+    "load": load,
+    "baseline": baseline,
+}
+
+
+def summarize(name: str, path: Path) -> list[Row]:
+    """Rows for one result file; a layout this module does not understand is an error that names the file."""
+    data = json.loads(path.read_text())
+    try:
+        rows = SUMMARIZERS[name](data)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError, StopIteration) as e:
+        raise ValueError(f"{path}: unexpected result layout for the {name!r} summary ({type(e).__name__}: {e})") from e
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| benchmark | measure | result | goal | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {r.benchmark} | {r.measure} | {r.result} | {r.goal} | {r.verdict} |" for r in rows]
+    return "\n".join(lines)
