@@ -23,9 +23,10 @@ Sizes (``--rounds``, ``--local-epochs``, ``--cases`` override a size's values):
 * ``--quick``: 32³ volumes at 4 mm, 4 cases per site, 3 rounds: minutes; shows the plumbing works, its numbers
   are dominated by start-up and tiny data.
 * default (medium): 48³ volumes on a 48³ grid (the bundle at 128/48 mm), 6 cases per site (3 train, 1 validation,
-  2 test), 12 rounds × 3 local epochs: 41 minutes on 2 CPU cores under load 6–9 from other work (shorter on
-  a quiet machine); centralized training reaches about 0.45 mean Dice, so the Dice values mean something.
-* ``--full``: 64³ volumes with the bundle's defaults, 8 cases per site, 10 rounds: hours on 2 CPU cores.
+  2 test), 12 rounds × 3 local epochs: 8.3 minutes on 2 idle CPU cores (41 under load 6–9 from other work);
+  centralized training reaches about 0.45 mean Dice, so the Dice values mean something.
+* ``--full``: 64³ volumes with the bundle's defaults, 8 cases per site, 10 rounds × 1 local epoch (not run yet;
+  at 10 passes FedAvg is far from converged: ``bench_fl_schedule.py`` shows the budgets that compare fairly).
 
 Writes bench/results/fl.md and fl.json.
 """
@@ -377,7 +378,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="32³, 4 cases per site, 3 rounds: minutes")
-    size.add_argument("--full", action="store_true", help="64³, 8 cases per site, 10 rounds: hours on 2 cores")
+    size.add_argument("--full", action="store_true", help="64³, 8 cases per site, 10 rounds (bundle defaults)")
     parser.add_argument("--rounds", type=int, help="federated rounds (= epochs of the baselines ÷ local epochs)")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round")
     parser.add_argument("--cases", type=int, help="cases per site")
