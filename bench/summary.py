@@ -31,6 +31,10 @@ def _verdict(ok: bool | None) -> str:
     return "–" if ok is None else ("met" if ok else "not met")
 
 
+def _eps(x: float) -> str:
+    return f"{x:.1f}" if x < 1000 else f"{x:.1e} (almost no noise)"
+
+
 def _ratio(x: float) -> str:
     return f"{x:.2f}×"
 
@@ -205,7 +209,7 @@ def privacy_utility(d: dict[str, Any], name: str = "privacy_utility") -> list[Ro
             rows.append(
                 Row(
                     name,
-                    f"held-out Dice, DP-SGD ε ≈ {r.get('epsilon', eps):.1f} − non-private ({start} start)",
+                    f"held-out Dice, DP-SGD ε ≈ {_eps(r.get('epsilon', eps))} − non-private ({start} start)",
                     f"{r['dice']['all']:.3f} − {plain['dice']['all']:.3f} = {gap:+.3f}",
                     "≥ −0.05 at ε ≤ 8" if eps <= 8 else "–",
                     _verdict(gap >= -0.05) if eps <= 8 else "–",
@@ -277,7 +281,6 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "fl_schedule": fl_schedule,
     "attacks": attacks,
     "privacy_utility": privacy_utility,
-    "privacy_utility_eps2": lambda d: privacy_utility(d, "privacy_utility_eps2"),
     "load": load,
     "baseline": baseline,
 }
