@@ -221,19 +221,29 @@ def run_local(args: argparse.Namespace, data_root: Path, **changes: Any) -> dict
         val.append(statistics.mean(scores))
         if val[-1] >= max(val):
             best_state = global_state
-        total = float(sum(weights))
-        global_state = {
-            k: v + sum(w / total * d[k].to(v.dtype) for w, d in zip(weights, diffs)) for k, v in global_state.items()
-        }
+        global_state = weighted_average(global_state, diffs, weights)
         round_s.append(time.perf_counter() - round_start)
+    return {
+        **_timings(start, setup_s, round_s),
+        "global_state": global_state,
+        "best_state": best_state,
+        "val_mean_dice": val,
+    }
+
+
+def weighted_average(global_state: dict[str, Any], diffs: list[dict[str, Any]], weights: list[int]) -> dict[str, Any]:
+    """The server's FedAvg step: global weights plus the diffs averaged by each site's number of steps."""
+    total = float(sum(weights))
+    return {k: v + sum(w / total * d[k].to(v.dtype) for w, d in zip(weights, diffs)) for k, v in global_state.items()}
+
+
+def _timings(start: float, setup_s: float, round_s: list[float]) -> dict[str, Any]:
+    """Wall time since ``start``; rounds after the first; start-up + first round (what the simulator's log gives)."""
     return {
         "wall_s": time.perf_counter() - start,
         "round_s": round_s[1:],
         "setup_s": setup_s,
         "first_round_s": setup_s + round_s[0],
-        "global_state": global_state,
-        "best_state": best_state,
-        "val_mean_dice": val,
     }
 
 
@@ -298,10 +308,7 @@ def run_local_parallel(args: argparse.Namespace, data_root: Path, **changes: Any
                 conn.send(global_state)
             replies = [conn.recv() for conn in pipes]
             val.append(statistics.mean(r[2] for r in replies))
-            total = float(sum(r[1] for r in replies))
-            global_state = {
-                k: v + sum(r[1] / total * r[0][k].to(v.dtype) for r in replies) for k, v in global_state.items()
-            }
+            global_state = weighted_average(global_state, [r[0] for r in replies], [r[1] for r in replies])
             round_s.append(time.perf_counter() - round_start)
         for conn in pipes:
             conn.send(None)
@@ -311,14 +318,7 @@ def run_local_parallel(args: argparse.Namespace, data_root: Path, **changes: Any
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
-    return {
-        "wall_s": time.perf_counter() - start,
-        "round_s": round_s[1:],
-        "setup_s": setup_s,
-        "first_round_s": setup_s + round_s[0],
-        "global_state": global_state,
-        "val_mean_dice": val,
-    }
+    return {**_timings(start, setup_s, round_s), "global_state": global_state, "val_mean_dice": val}
 
 
 def run_baseline(args: argparse.Namespace, train: list, val: list) -> Any:
