@@ -44,14 +44,28 @@ def infer(d: dict[str, Any], name: str = "infer") -> list[Row]:
     r = d["rows"][0]
     ratio = r["infer_s"] / r["sw_s"]
     setting = f"ROI {r['roi']}, overlap {r['overlap']}, model grid {'×'.join(str(g) for g in r['grid'])}"
-    return [
+    rows = [
         Row(
             name,
-            f"/infer ÷ bare sliding window ({setting})",
+            f"/infer ÷ bare sliding window, cold ({setting})",
             f"{r['infer_s']:.2f} s ÷ {r['sw_s']:.2f} s = {_ratio(ratio)}",
             "≤ 1.25×",
             _verdict(ratio <= 1.25),
         ),
+    ]
+    if "infer_prefetched_s" in r:  # results from before the app prepared cases ahead have no such column
+        ahead = r["infer_prefetched_s"] / r["sw_s"]
+        rows.append(
+            Row(
+                name,
+                "/infer ÷ bare sliding window, after 'next case' (case prepared in the background)",
+                f"{r['infer_prefetched_s']:.2f} s ÷ {r['sw_s']:.2f} s = {_ratio(ahead)}",
+                "≤ 1.25×",
+                _verdict(ahead <= 1.25),
+            )
+        )
+    return [
+        *rows,
         Row(
             name,
             "/infer ÷ the same segmentation in-process (server overhead)",

@@ -108,9 +108,13 @@ class Segmenter:
 
     def segment(self, image: str | Path | dict[str, Any], *, with_probabilities: bool = False) -> Segmentation:
         """Segment one volume (path or datalist item) and return labels on the input's grid."""
-        data = self.preprocess(image)
+        return self.segment_prepared(self.preprocess(image), with_probabilities=with_probabilities)
+
+    def segment_prepared(self, data: dict[str, Any], *, with_probabilities: bool = False) -> Segmentation:
+        """:meth:`segment` of an item :meth:`preprocess` returned (kept by a caller that segments it again);
+        ``data`` is only read, so one pre-processed item can serve several calls, also concurrently."""
         logits = self.logits(data)
-        pred = torch.argmax(logits, dim=1, keepdim=True)[0].to(torch.uint8).cpu()
+        pred = _argmax_labels(logits)
         probabilities = torch.softmax(logits, dim=1)[0].cpu().numpy() if with_probabilities else None
         label, affine = self.to_input_space(data, pred)
         return Segmentation(label=label, affine=affine, probabilities=probabilities)
@@ -135,6 +139,17 @@ class Segmenter:
         data["pred"] = MetaTensor(pred)  # Invertd copies the image's transform trace onto a MetaTensor
         inverted = self._invert(data)["pred"]
         return np.asarray(inverted.detach().cpu().numpy()[0]).round().astype(np.uint8)
+
+
+def _argmax_labels(logits: torch.Tensor) -> torch.Tensor:
+    """Class index per voxel, (1, X, Y, Z) uint8 on the CPU, for logits (1, C, X, Y, Z); ties go to the lower class.
+
+    On the CPU NumPy's ``argmax`` over the class axis is ~3x faster than torch's strided reduction (17 vs 50 ms at
+    the 2 mm grid, where the whole network takes ~0.5 s); on a GPU the reduction stays on the device."""
+    if logits.device.type != "cpu":
+        return torch.argmax(logits, dim=1, keepdim=True)[0].to(torch.uint8).cpu()
+    labels = np.argmax(logits[0].detach().numpy(), axis=0).astype(np.uint8)
+    return torch.from_numpy(labels)[None]
 
 
 def _nearest_inverse(image: Any, pred: torch.Tensor) -> np.ndarray | None:
@@ -201,13 +216,16 @@ def _nearest_inverse(image: Any, pred: torch.Tensor) -> np.ndarray | None:
         indices.append(spacing_index[a][oriented])
     source = pred[0].detach().cpu().numpy()
     out_of_grid = [idx < 0 for idx in indices]
-    label = source.transpose(order)
-    for axis in (2, 1, 0):  # one axis at a time, the widest copy last: ~15 ms at 256³ (np.ix_ is ~10x slower)
-        label = np.take(label, np.maximum(indices[axis], 0), axis=axis)
+    # Gathered on the reversed axes, so the result's transpose is Fortran-ordered: NIfTI and NRRD store voxels in
+    # Fortran order, and writing a C-ordered 256³ label map spends ~0.1 s transposing it (more than compressing).
+    reverse = source.transpose(order[::-1])
+    for axis in (0, 1, 2):  # one axis at a time, the widest copy last (row copies): ~15 ms at 256³
+        reverse = np.take(reverse, np.maximum(indices[axis], 0), axis=2 - axis)
     if any(o.any() for o in out_of_grid):  # "zeros" padding: outside the model grid is background
-        mask = np.ix_(*out_of_grid)
-        label = np.where(mask[0] | mask[1] | mask[2], 0, label)
-    return np.asarray(label).round().astype(np.uint8) if label.dtype.kind == "f" else label.astype(np.uint8)
+        mask = np.ix_(*out_of_grid[::-1])
+        reverse = np.where(mask[0] | mask[1] | mask[2], 0, reverse)
+    label = np.asarray(reverse).T  # input axis order, Fortran-contiguous
+    return label.round().astype(np.uint8) if label.dtype.kind == "f" else label.astype(np.uint8, copy=False)
 
 
 def _resample_indices(

@@ -181,6 +181,13 @@ def _served_model(instance: Any) -> dict[str, Any]:
         return {"error": str(exc)}
 
 
+def _prefetch(instance: Any, image_id: str) -> None:
+    """Start pre-processing ``image_id`` for its coming /infer (apps without a prefetch hook: nothing)."""
+    prefetch = getattr(instance, "prefetch", None)
+    if prefetch is not None:
+        prefetch(image_id)
+
+
 def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_log: Path | None = None) -> FastAPI:
     """The FastAPI app holding the replaced routes (no docs of its own; the stock app's /docs stays)."""
     front = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
@@ -252,6 +259,7 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
             await run_in_threadpool(instance.datastore().add_image, image_id, str(path), info)
         finally:
             discard(path)
+        _prefetch(instance, image_id)
         return {"image": image_id}
 
     @front.put("/datastore/")
@@ -298,7 +306,10 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
         instance = app_instance()
         if strategy not in instance.strategy_names():
             raise NotFoundError(f"no strategy {strategy!r}; available: {instance.strategy_names()}")
-        return await in_infer_pool(stock_activelearning.sample, strategy, params or {}, None)
+        result = await in_infer_pool(stock_activelearning.sample, strategy, params or {}, None)
+        if isinstance(result, dict) and isinstance(result.get("id"), str):
+            _prefetch(instance, result["id"])  # the client's /infer on this case comes next
+        return result
 
     @front.post("/train/{model}")
     async def train(

@@ -95,6 +95,7 @@ def test_index_inversion_equals_monai_invertd(tmp_path, name, variant):
     reference = segmenter._invert_with_monai(data, pred)
     assert fast.shape == reference.shape == image.shape
     np.testing.assert_array_equal(fast, reference)
+    assert fast.flags.f_contiguous  # NIfTI's voxel order: written without a transposing copy
     label, out_affine = segmenter.to_input_space(data, pred)
     np.testing.assert_array_equal(label, reference)
     np.testing.assert_allclose(out_affine, affine, atol=1e-5)

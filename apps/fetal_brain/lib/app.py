@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import sys
@@ -19,14 +20,14 @@ from typing import Any
 import torch
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.tasks.activelearning.random import Random
 
 from apps.fetal_brain.lib.config import MODEL_NAME, AppConfig
 from apps.fetal_brain.lib.datastore import FetalDatastore
 from apps.fetal_brain.lib.errors import BadRequestError, NotFoundError
 from apps.fetal_brain.lib.infer import FetalBrainSegmentation, label_table
 from apps.fetal_brain.lib.model_store import ModelStore
-from apps.fetal_brain.lib.strategies import EntropyStrategy
+from apps.fetal_brain.lib.prepared import PreparedInputs
+from apps.fetal_brain.lib.strategies import EntropyStrategy, RandomStrategy
 from apps.fetal_brain.lib.train import FineTune
 from apps.fetal_brain.lib.uploads import is_private
 from fetalseg.labels import all_labels
@@ -100,14 +101,22 @@ class FetalBrainApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, FetalBrainSegmentation]:
-        return {MODEL_NAME: FetalBrainSegmentation(store=self.store, config=self.app_config)}
+        fingerprint = json.dumps(
+            {"variant": self.app_config.variant, "overrides": self.app_config.bundle_overrides},
+            sort_keys=True,
+            default=str,
+        )  # what the pre-processing depends on (fixed for a server's life; a key part all the same)
+        self.prepared = PreparedInputs(
+            root=self.studies, max_bytes=self.app_config.prepared_cache_bytes, fingerprint=fingerprint
+        )
+        return {MODEL_NAME: FetalBrainSegmentation(store=self.store, config=self.app_config, prepared=self.prepared)}
 
     def init_trainers(self) -> dict[str, FineTune]:
         return {MODEL_NAME: FineTune(store=self.store, config=self.app_config)}
 
     def init_strategies(self) -> dict[str, Any]:
         entropy = EntropyStrategy(task=self._infers[MODEL_NAME], max_candidates=self.app_config.entropy_candidates)
-        return {"random": Random(), "entropy": entropy}
+        return {"random": RandomStrategy(), "entropy": entropy}
 
     def init_scoring_methods(self) -> dict[str, Any]:
         return {}
@@ -166,7 +175,16 @@ class FetalBrainApp(MONAILabelApp):
             "num_classes": self.bundle.num_classes,
         }
         meta["inference"] = self.activity.snapshot()
+        meta["prepared_inputs"] = self.prepared.stats()
         return meta
+
+    def prefetch(self, image_id: str) -> bool:
+        """Pre-process datastore image ``image_id`` in the background (after it is handed out or uploaded)."""
+        try:
+            path = self.datastore().image_file(image_id)
+        except Exception:  # an unknown id is the caller's 404, not a prefetch's concern
+            return False
+        return self._infers[MODEL_NAME].prefetch(path)
 
     # -- infer ----------------------------------------------------------------------------------------------------
     def resolve_image(self, image: Any) -> tuple[str, str | None]:

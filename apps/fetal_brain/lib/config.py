@@ -32,6 +32,9 @@ Keys (all optional):
 * ``train_publish`` (``if_better`` default, or ``always``): publish a fine-tuned model only if its validation Dice
   is at least the current model's, or always.
 * ``entropy_candidates`` (default 8): unlabelled images scored per call of the ``entropy`` strategy.
+* ``prepared_cache_mb`` (default 512): memory for datastore images already pre-processed to the model grid
+  (prepared in the background when ``/activelearning`` hands a case out or an image is uploaded, so the /infer
+  that follows only runs the network); 0 turns it off. See :mod:`apps.fetal_brain.lib.prepared`.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ _KEYS = {
     "users_file",
     "cors_origins",
     "audit_log",
+    "prepared_cache_mb",
 }
 
 
@@ -95,6 +99,7 @@ class AppConfig:
     users_file: Path | None = None
     cors_origins: tuple[str, ...] = ()
     audit_log: Path | None = None
+    prepared_cache_bytes: int = 512 * 2**20
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None) -> AppConfig:
@@ -144,6 +149,9 @@ class AppConfig:
             audit_log=Path(str(raw["audit_log"])).expanduser().resolve() if raw.get("audit_log") else None,
             entropy_candidates=int(
                 _number(raw.get("entropy_candidates", 8), "entropy_candidates", int, low=1, high=1000)
+            ),
+            prepared_cache_bytes=int(
+                _number(raw.get("prepared_cache_mb", 512), "prepared_cache_mb", float, low=0, high=2**20) * 2**20
             ),
         )
 

@@ -4,7 +4,8 @@ Why not MONAI Label's transform pipeline: ``Segmenter`` already runs the bundle'
 sliding-window inferer and the inversion back to the input's grid (nearest neighbour, so labels stay 0..7);
 this task only adapts it to ``BasicInferTask`` (pre/post transforms are empty, nothing is inverted twice) and
 writes the result as NIfTI or ``.seg.nrrd``. Per-request ``sw_overlap``/``roi_size`` build a Segmenter from the
-bundle with those overrides (cached), for tuning speed against accuracy.
+bundle with those overrides (cached), for tuning speed against accuracy. Datastore images are pre-processed once
+and kept (:mod:`apps.fetal_brain.lib.prepared`): the pre-processing does not depend on the model or the window.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from apps.fetal_brain.lib.config import AppConfig
 from apps.fetal_brain.lib.errors import BadRequestError
 from apps.fetal_brain.lib.model_store import ModelStore
+from apps.fetal_brain.lib.prepared import PreparedInputs
 from apps.fetal_brain.lib.uploads import new_result_path
 from apps.fetal_brain.lib.volumes import check_image_header, load_image
 from apps.fetal_brain.lib.writers import RESULT_EXTENSIONS, check_extension, present_values, write_result
@@ -71,9 +73,10 @@ def _roi(value: Any) -> tuple[int, int, int] | None:
 class FetalBrainSegmentation(BasicInferTask):
     """Whole-volume FeTA segmentation of one image, returned on the image's own grid."""
 
-    def __init__(self, *, store: ModelStore, config: AppConfig) -> None:
+    def __init__(self, *, store: ModelStore, config: AppConfig, prepared: PreparedInputs | None = None) -> None:
         self.store = store
         self.app_config = config
+        self.prepared = prepared
         inference = config.bundle("inference")  # sliding-window defaults live in the bundle's inference.json
         self.default_overlap = float(inference.get("sw_overlap"))
         self.default_roi = tuple(config.infer_roi_size or (int(v) for v in inference.get("sw_roi_size")))
@@ -134,10 +137,27 @@ class FetalBrainSegmentation(BasicInferTask):
         check_image_header(image)
         segmenter = self.segmenter(overlap=_overlap(overlap), roi=_roi(roi))
         try:
-            return segmenter.segment(str(image), with_probabilities=with_probabilities)
+            if self.prepared is None:
+                data = segmenter.preprocess(str(image))
+            else:
+                data = self.prepared.get(image, segmenter.preprocess)
+            return segmenter.segment_prepared(data, with_probabilities=with_probabilities)
         except Exception:
             load_image(image)  # a corrupt input raises UnprocessableError with the reason; a server bug re-raises below
             raise
+
+    def prefetch(self, image: str | Path) -> bool:
+        """Pre-process a datastore image in the background so its next /infer only runs the network; True if
+        queued (False: cache off, already kept or pending, or not a datastore file). Errors wait for the /infer."""
+        if self.prepared is None:
+            return False
+        segmenter = self.segmenter()
+
+        def prepare(path: str) -> dict[str, Any]:
+            check_image_header(path)
+            return segmenter.preprocess(path)
+
+        return self.prepared.prefetch(image, prepare)
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict:
         image = data.get(self.input_key)

@@ -1,9 +1,12 @@
 """Active learning: which unlabelled case should the radiologist correct next.
 
-``random`` is MONAI Label's own. ``entropy`` runs the served model on unlabelled images and picks the one whose
-tissue prediction is least certain: the mean softmax entropy over voxels the model calls brain (background
-voxels, certain and numerous, would otherwise drown the signal). Scores are cached per image file and model
-version, so asking again after one correction only scores what changed.
+``random`` weights cases as MONAI Label's own strategy does (the longer since a case was last handed out, the
+likelier), plus one second, so it never fails: stock MONAI Label 0.8.5 answers 500 ("Total of weights must be
+greater than zero") when every unlabelled case was handed out within the current second, e.g. the only case
+left asked for twice, and on a clock that went back. ``entropy`` runs the served model on unlabelled images and
+picks the one whose tissue prediction is least certain: the mean softmax entropy over voxels the model calls
+brain (background voxels, certain and numerous, would otherwise drown the signal). Scores are cached per image
+file and model version, so asking again after one correction only scores what changed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import os
 import random
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -32,6 +36,32 @@ def foreground_entropy(probabilities: np.ndarray) -> float:
     if not foreground.any():
         return 1.0  # the model finds no brain at all: maximally worth a look
     return float(entropy[foreground].mean())
+
+
+def recency_weights(last_served: list[float], now: float) -> list[float]:
+    """Sampling weight per case: seconds since it was last handed out (never: ``now``), plus 1, never below 1."""
+    return [max(now - ts, 0.0) + 1.0 for ts in last_served]
+
+
+class RandomStrategy(Strategy):
+    """Random unlabelled case; cases not handed out for a while are likelier (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__("Random unlabelled case (those not handed out recently more likely)")
+
+    def __call__(self, request: dict[str, Any], datastore: Any) -> dict[str, Any] | None:
+        images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
+        if not images:
+            return None
+        strategy = request.get("strategy", "random")
+        served = []
+        for image in images:
+            info = datastore.get_image_info(image).get("strategy", {}).get(strategy, {})
+            ts = info.get("ts", 0) if isinstance(info, dict) else 0
+            served.append(float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else 0.0)
+        weights = recency_weights(served, time.time())
+        index = random.choices(range(len(images)), weights=weights)[0]
+        return {"id": images[index], "weight": weights[index]}
 
 
 class EntropyStrategy(Strategy):

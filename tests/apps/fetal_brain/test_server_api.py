@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import time
 
 import nibabel as nib
 import numpy as np
@@ -130,12 +132,50 @@ def test_next_sample_random_and_entropy_pick_unlabelled_cases(server, client):
     labelled = {k for k, v in client.datastore()["objects"].items() if "final" in v["labels"]}
     random_pick = client.next_sample("random", {})
     assert random_pick["id"] not in labelled
+    again = [client.next_sample("random", {}) for _ in range(6)]  # within a second: stock MONAI Label gives a 500
+    assert all(p["id"] not in labelled and p["weight"] >= 1 for p in again)
     response = requests.post(f"{server.url}/activelearning/entropy", json={"max_candidates": 3}, timeout=120)
     assert response.status_code == 200, response.text
     pick = response.json()
     assert pick["id"] not in labelled and pick["id"] in client.datastore()["objects"]
     assert 0.0 <= pick["entropy"] <= 1.0
     assert pick["candidates"] == 3
+
+
+def _labels_of(response: requests.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(response.content)).dataobj)
+
+
+def test_next_case_is_prepared_ahead_and_infers_as_a_fresh_upload_does(server):
+    before = server.info()["prepared_inputs"]
+    response = requests.post(f"{server.url}/activelearning/random", json={"seed": 3}, timeout=60)
+    assert response.status_code == 200, response.text
+    image_id = response.json()["id"]
+    deadline = time.monotonic() + 60
+    stats = server.info()["prepared_inputs"]
+    while stats["pending"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        stats = server.info()["prepared_inputs"]
+    assert stats["enabled"] and stats["pending"] == 0
+    hits = stats["hits"]
+    cached = _labels_of(
+        requests.post(f"{server.url}/infer/{MODEL}", params={"image": image_id, "output": "image"}, timeout=120)
+    )
+    after = server.info()["prepared_inputs"]
+    assert after["hits"] == hits + 1 and after["misses"] == before["misses"]  # the /infer used the prepared input
+    assert after["bytes"] <= after["max_bytes"] and after["entries"] >= 1
+    with open(server.studies / f"{image_id}.nii.gz", "rb") as fh:  # the same file as an upload: never cached
+        fresh = _labels_of(
+            requests.post(
+                f"{server.url}/infer/{MODEL}",
+                params={"output": "image"},
+                files={"file": (f"{image_id}.nii.gz", fh)},
+                timeout=120,
+            )
+        )
+    np.testing.assert_array_equal(cached, fresh)
+    assert server.info()["prepared_inputs"]["entries"] == after["entries"]
 
 
 def test_save_label_stores_the_correction(server, client, tmp_path):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from apps.fetal_brain.lib.strategies import foreground_entropy
+from apps.fetal_brain.lib.strategies import foreground_entropy, recency_weights
 
 
 def _probabilities(background: float, shape=(4, 4, 4), classes: int = 8) -> np.ndarray:
@@ -31,3 +31,10 @@ def test_background_voxels_do_not_dilute_the_score():
 
 def test_no_brain_at_all_is_worth_a_look():
     assert foreground_entropy(_probabilities(background=0.9)) == 1.0
+
+
+def test_recency_weights_are_never_zero_and_favour_cases_not_served_lately():
+    now = 1_000_000.0
+    weights = recency_weights([0.0, now - 3600, now, now + 5], now)  # never, an hour ago, this second, clock skew
+    assert weights[0] > weights[1] > weights[2] == weights[3] == 1.0
+    assert all(w >= 1.0 for w in weights)
