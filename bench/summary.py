@@ -295,6 +295,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "fl_schedule": fl_schedule,
     "attacks": attacks,
     "privacy_utility": privacy_utility,
+    "privacy_utility_n768": lambda d: privacy_utility(d, "privacy_utility_n768"),  # 8× the cases per site
     "load": load,
     "baseline": baseline,
 }

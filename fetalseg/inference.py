@@ -144,12 +144,19 @@ class Segmenter:
 def _argmax_labels(logits: torch.Tensor) -> torch.Tensor:
     """Class index per voxel, (1, X, Y, Z) uint8 on the CPU, for logits (1, C, X, Y, Z); ties go to the lower class.
 
-    On the CPU NumPy's ``argmax`` over the class axis is ~3x faster than torch's strided reduction (17 vs 50 ms at
-    the 2 mm grid, where the whole network takes ~0.5 s); on a GPU the reduction stays on the device."""
+    On the CPU a running maximum over the classes (contiguous passes over each class volume) replaces the argmax
+    reduction across the class axis, which strides through memory: 0.09 s instead of 0.46 s (NumPy) or more (torch)
+    on the ``feta`` variant's 8 × 160³ logits. Same result as ``argmax`` for finite logits, ties included (a class
+    wins only when strictly greater). On a GPU the reduction stays on the device."""
     if logits.device.type != "cpu":
         return torch.argmax(logits, dim=1, keepdim=True)[0].to(torch.uint8).cpu()
-    labels = np.argmax(logits[0].detach().numpy(), axis=0).astype(np.uint8)
-    return torch.from_numpy(labels)[None]
+    scores = logits[0].detach()
+    labels = torch.zeros(scores.shape[1:], dtype=torch.uint8)
+    best = scores[0].clone()
+    for c in range(1, scores.shape[0]):
+        labels.masked_fill_(scores[c] > best, c)
+        torch.maximum(best, scores[c], out=best)
+    return labels[None]
 
 
 def _nearest_inverse(image: Any, pred: torch.Tensor) -> np.ndarray | None:

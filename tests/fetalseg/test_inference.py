@@ -139,3 +139,14 @@ def test_dicom_series_segments_like_the_same_nifti(segmenter, tmp_path, name):
     assert from_dicom.label.shape == values.shape
     np.testing.assert_allclose(from_dicom.affine, affine, atol=1e-4)
     assert (from_dicom.label == from_nifti.label).mean() > 0.9
+
+
+def test_argmax_labels_equals_argmax_with_ties():
+    from fetalseg.inference import _argmax_labels
+
+    logits = torch.randn(1, 8, 9, 7, 5, generator=torch.Generator().manual_seed(0))
+    logits[0, 5, :3] = logits[0, 2, :3] = logits[0].amax(0)[:3] + 1  # a tie for the maximum: the lower class wins
+    labels = _argmax_labels(logits)
+    assert labels.dtype == torch.uint8 and labels.shape == (1, 9, 7, 5)
+    torch.testing.assert_close(labels, torch.argmax(logits, dim=1).to(torch.uint8))
+    assert (labels[0, :3] == 2).all()

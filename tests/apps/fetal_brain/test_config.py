@@ -55,6 +55,8 @@ def test_bundle_overrides_json():
         ({"variant": "huge"}, "variant"),
         ({"device": "tpu"}, "device"),
         ({"bundle_overrides": "[1]"}, "JSON object"),
+        ({"prepared_cache_mb": "-5"}, "prepared_cache_mb"),
+        ({"prepared_cache_mb": "lots"}, "prepared_cache_mb"),
     ],
 )
 def test_bad_settings_fail_with_the_key_named(conf, message):
@@ -82,3 +84,9 @@ def test_inference_window_defaults_come_from_the_bundle():
     assert tuple(smaller.inferer().roi_size) == (32, 32, 32)
     tiny = AppConfig.from_conf({"variant": "tiny"}, env={}).bundle("inference")
     assert tuple(tiny.inferer().roi_size) == (32, 32, 32)
+
+
+def test_prepared_cache_size_in_megabytes_and_zero_turns_it_off():
+    assert AppConfig.from_conf({}, env={}).prepared_cache_bytes == 512 * 2**20
+    assert AppConfig.from_conf({"prepared_cache_mb": "64"}, env={}).prepared_cache_bytes == 64 * 2**20
+    assert AppConfig.from_conf({}, env={"FETAL_BRAIN_PREPARED_CACHE_MB": "0"}).prepared_cache_bytes == 0
