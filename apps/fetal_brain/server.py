@@ -221,6 +221,8 @@ class FetalBrainServer:
         if front:
             await self.front(scope, _limited(receive, limit), send)
             return
+        if method == "GET" and path == "/datastore/image":
+            _prefetch_download(scope)
         replay, within = await _buffered(receive, limit)
         if not within:
             await error_response(413, f"body over the {limit}-byte limit")(scope, replay, send)
@@ -268,6 +270,15 @@ class FetalBrainServer:
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="fetal-brain"'
         await response(scope, receive, send)
+
+
+def _prefetch_download(scope: Scope) -> None:
+    """A client downloading an image (to show it) runs the model on it next: prepare it for that /infer (the id was
+    checked by ``_check_query``)."""
+    image = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))).get("image")
+    prefetch = getattr(app_instance(), "prefetch", None)
+    if image and prefetch is not None:
+        prefetch(image)
 
 
 def _limited(receive: Any, limit: int) -> Any:

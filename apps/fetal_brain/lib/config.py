@@ -33,8 +33,9 @@ Keys (all optional):
   is at least the current model's, or always.
 * ``entropy_candidates`` (default 8): unlabelled images scored per call of the ``entropy`` strategy.
 * ``prepared_cache_mb`` (default 512): memory for datastore images already pre-processed to the model grid
-  (prepared in the background when ``/activelearning`` hands a case out or an image is uploaded, so the /infer
-  that follows only runs the network); 0 turns it off. See :mod:`apps.fetal_brain.lib.prepared`.
+  (prepared in the background when ``/activelearning`` hands a case out, a client downloads an image or an image
+  is uploaded, so the /infer that follows only runs the network); 0 turns it off.
+  See :mod:`apps.fetal_brain.lib.prepared`.
 """
 
 from __future__ import annotations

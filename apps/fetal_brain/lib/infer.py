@@ -151,11 +151,10 @@ class FetalBrainSegmentation(BasicInferTask):
         queued (False: cache off, already kept or pending, or not a datastore file). Errors wait for the /infer."""
         if self.prepared is None:
             return False
-        segmenter = self.segmenter()
 
-        def prepare(path: str) -> dict[str, Any]:
+        def prepare(path: str) -> dict[str, Any]:  # on the prefetch thread: callers may be on the event loop
             check_image_header(path)
-            return segmenter.preprocess(path)
+            return self.segmenter().preprocess(path)
 
         return self.prepared.prefetch(image, prepare)
 

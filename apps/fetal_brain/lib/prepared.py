@@ -3,9 +3,10 @@
 Why: at the bundle's 2 mm model grid the network needs ~0.5 s for a FeTA-size volume (256³ at 0.5 mm), while
 reading its 60 MB ``.nii.gz`` and resampling it to the model grid takes ~0.5 s more (``bench/results/infer.md``).
 That work depends only on the file and the bundle's pre-processing, not on the model, so it is done once per file:
-when a case is handed out by ``/activelearning`` (the radiologist's "next case", then /infer) or uploaded, a
-background thread prepares it, and the /infer that follows (or an /infer after fine-tuning published a new model)
-runs the network at once. The result is identical: the same pre-processed tensor the /infer would compute.
+when a case is handed out by ``/activelearning`` (the radiologist's "next case", then /infer), downloaded by a
+client (``GET /datastore/image``: a viewer opening it) or uploaded, a background thread prepares it, and the
+/infer that follows (or an /infer after fine-tuning published a new model) runs the network at once. The result
+is identical: the same pre-processed tensor the /infer would compute.
 
 An entry is keyed by the file's identity (resolved path, inode, mtime, size) and the pre-processing's fingerprint,
 so a replaced study is prepared again; entries are dropped least recently used beyond ``max_bytes`` (setting

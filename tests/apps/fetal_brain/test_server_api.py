@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -147,35 +149,46 @@ def _labels_of(response: requests.Response) -> np.ndarray:
     return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(response.content)).dataobj)
 
 
-def test_next_case_is_prepared_ahead_and_infers_as_a_fresh_upload_does(server):
+def test_next_case_is_prepared_ahead_and_infers_as_a_cold_request_does(server):
     before = server.info()["prepared_inputs"]
-    response = requests.post(f"{server.url}/activelearning/random", json={"seed": 3}, timeout=60)
+    response = requests.post(f"{server.url}/activelearning/random", json={}, timeout=60)
     assert response.status_code == 200, response.text
     image_id = response.json()["id"]
+    source = Path(response.json()["path"])  # the datastore's file (a folder for a DICOM series)
+    assert source.is_relative_to(server.studies)
     deadline = time.monotonic() + 60
     stats = server.info()["prepared_inputs"]
     while stats["pending"] and time.monotonic() < deadline:
         time.sleep(0.1)
         stats = server.info()["prepared_inputs"]
     assert stats["enabled"] and stats["pending"] == 0
-    hits = stats["hits"]
-    cached = _labels_of(
-        requests.post(f"{server.url}/infer/{MODEL}", params={"image": image_id, "output": "image"}, timeout=120)
-    )
+    infer = {"image": image_id, "output": "image"}
+    prepared = _labels_of(requests.post(f"{server.url}/infer/{MODEL}", params=infer, timeout=120))
     after = server.info()["prepared_inputs"]
-    assert after["hits"] == hits + 1 and after["misses"] == before["misses"]  # the /infer used the prepared input
+    assert after["hits"] == stats["hits"] + 1 and after["misses"] == before["misses"]  # used the prepared input
     assert after["bytes"] <= after["max_bytes"] and after["entries"] >= 1
-    with open(server.studies / f"{image_id}.nii.gz", "rb") as fh:  # the same file as an upload: never cached
-        fresh = _labels_of(
-            requests.post(
-                f"{server.url}/infer/{MODEL}",
-                params={"output": "image"},
-                files={"file": (f"{image_id}.nii.gz", fh)},
-                timeout=120,
-            )
-        )
-    np.testing.assert_array_equal(cached, fresh)
-    assert server.info()["prepared_inputs"]["entries"] == after["entries"]
+    now = time.time_ns()
+    os.utime(source, ns=(now, now))  # a new file version: nothing prepared, the /infer reads it afresh
+    cold = _labels_of(requests.post(f"{server.url}/infer/{MODEL}", params=infer, timeout=120))
+    assert server.info()["prepared_inputs"]["misses"] == after["misses"] + 1
+    np.testing.assert_array_equal(prepared, cold)
+
+
+def test_downloading_an_image_prepares_it_for_the_infer_that_follows(server):
+    now = time.time_ns()
+    os.utime(server.studies / "case03.nii.gz", ns=(now, now))  # a file version nothing has prepared yet
+    before = server.info()["prepared_inputs"]
+    download = requests.get(f"{server.url}/datastore/image", params={"image": "case03"}, timeout=60)
+    assert download.status_code == 200, download.text
+    deadline = time.monotonic() + 60
+    while server.info()["prepared_inputs"]["pending"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stats = server.info()["prepared_inputs"]
+    response = requests.post(f"{server.url}/infer/{MODEL}", params={"image": "case03", "output": "image"}, timeout=120)
+    _labels_of(response)
+    after = server.info()["prepared_inputs"]
+    assert stats["prefetched"] == before["prefetched"] + 1  # the download started it
+    assert after["misses"] == before["misses"] and after["hits"] == stats["hits"] + 1
 
 
 def test_save_label_stores_the_correction(server, client, tmp_path):
