@@ -132,12 +132,12 @@ def fl(d: dict[str, Any]) -> list[Row]:
     ]
 
 
-def fl_overhead(d: dict[str, Any]) -> list[Row]:
+def fl_overhead(d: dict[str, Any], name: str = "fl_overhead") -> list[Row]:
     rows = []
     for r in d["rows"]:
         rows.append(
             Row(
-                "fl_overhead",
+                name,
                 f"NVFlare ÷ local, {r['local_epochs']} local epoch(s) per round ({r['local_round_s']:.1f} s local), "
                 f"task request interval {r['task_request_interval_s']:g} s: per round / end to end",
                 f"{_ratio(r['ratio_round'])} / {_ratio(r['ratio_wall'])}",
@@ -292,6 +292,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "dp": dp,
     "fl": fl,
     "fl_overhead": fl_overhead,
+    "fl_overhead_long": lambda d: fl_overhead(d, "fl_overhead_long"),  # rounds of ~30 s
     "fl_schedule": fl_schedule,
     "attacks": attacks,
     "privacy_utility": privacy_utility,
