@@ -131,7 +131,8 @@ def run_fl(args: argparse.Namespace, data_root: Path, work: Path, name: str, **c
     state = torch.load(run / "server" / "simulate_job" / "app_server" / "FL_global_model.pt", weights_only=False)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state["model"].items()})
     rows = (run / "server" / "simulate_job" / "metrics" / "round_metrics.jsonl").read_text().splitlines()
-    final = {m["name"]: m["value"] for m in json.loads(rows[-1])["aggregated_metrics"]} if rows else {}
+    per_round = [{m["name"]: m["value"] for m in json.loads(row)["aggregated_metrics"]} for row in rows]
+    final = per_round[-1] if per_round else {}
     return {
         "wall_s": wall,
         "startup": startup_breakdown(run, started_at),
@@ -141,7 +142,19 @@ def run_fl(args: argparse.Namespace, data_root: Path, work: Path, name: str, **c
         "model": model,
         "config": cfg,
         "metrics": final,
+        "val_mean_dice": [m.get("val_mean_dice", float("nan")) for m in per_round],
+        "run": run,
     }
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The best global model (bundle format) that the job's server kept in a simulator run ``run``."""
+    from nvflare_jobs.checkpoint import BEST_CHECKPOINT_NAME
+
+    path = run / "server" / "simulate_job" / "app_server" / BEST_CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no best global model in {run}: {path} is missing")
+    return path
 
 
 STARTUP_MARKS = [  # (what, log file, message): the first time each appears in a simulator run's logs

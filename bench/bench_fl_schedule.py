@@ -7,13 +7,17 @@ trains both at several budgets (passes over each training case) and several loca
 synthetic 3-site federation (64³, 10 cases per site, split with ``fetalseg.baseline.split_site``), and scores them
 on the same held-out test cases as ``bench_fl.py``.
 
-FedAvg here is the job's own site code without NVFlare (``bench_fl.run_local``: each site's ``SiteTrainer``,
-weighted average of the diffs by steps), so many budgets can run in parallel processes; ``bench_fl.py`` runs the
-real NVFlare job. Both models are chosen on validation Dice (the pooled one every 10 epochs, the federated one
-every round, as the job's server does); the federated final model is reported too.
+By default FedAvg here is the job's own site code without NVFlare (``bench_fl.run_local``: each site's
+``SiteTrainer``, weighted average of the diffs by steps), so many budgets can run in parallel processes;
+``--fedavg-via nvflare`` runs the real job in NVFlare's simulator instead (``bench_fl.run_fl``: its server's
+model selection and its ``fetal_brain_best.pt``). Both models are chosen on validation Dice (the pooled one
+every 10 epochs, the federated one every round, as the job's server does); the federated final model is reported
+too.
 
     python bench/bench_fl_schedule.py                    # CPU: hours (9 trainings); on a GPU: minutes
     python bench/bench_fl_schedule.py --budgets 60 --local-epochs 2 --parallel 1
+    python bench/bench_fl_schedule.py --budgets 240 --local-epochs 6 --fedavg-via nvflare \
+        --out bench/results/fl_schedule_nvflare.md   # the NVFlare job itself: ~1 h on 2 CPU cores
 
 Writes bench/results/fl_schedule.md (+ .json). Goal (issue 3): FedAvg ≥ centralized − 0.01.
 """
@@ -45,7 +49,7 @@ def train_one(run: dict[str, Any], data_root: Path) -> dict[str, Any]:
     """One training (``run['method']`` = centralized or fedavg) at ``run['budget']`` passes; test Dice."""
     import torch
 
-    from fetalseg.bundle import Bundle
+    from fetalseg.bundle import Bundle, load_checkpoint
     from fetalseg.training import fit
     from nvflare_jobs.fetal_brain.model import FetalBrainNet
 
@@ -64,6 +68,19 @@ def train_one(run: dict[str, Any], data_root: Path) -> dict[str, Any]:
         )
         out["dice"] = bench_fl.score(model, test, {})
         out["best_epoch"] = result.best_epoch
+    elif run.get("via") == "nvflare":
+        args = argparse.Namespace(rounds=run["budget"] // run["local_epochs"], local_epochs=run["local_epochs"])
+        args.overrides = {}
+        training = {"local_epochs": run["local_epochs"], "seed": run["seed"]}
+        name = f"fedavg_{run['budget']}_{run['local_epochs']}_{run['seed']}"
+        fl = bench_fl.run_fl(args, data_root, data_root.parent / "nvflare", name, training=training)
+        best = bench_fl.best_checkpoint(fl["run"])
+        net = FetalBrainNet({}, init_seed=None)
+        load_checkpoint(net.net, best)
+        out["dice"] = bench_fl.score(net.net, test, {})
+        out["dice_final"] = bench_fl.score(fl["model"].net, test, {})
+        out["val_mean_dice"] = fl["val_mean_dice"]
+        out["nvflare_wall_s"] = fl["wall_s"]
     else:
         args = argparse.Namespace(rounds=run["budget"] // run["local_epochs"], local_epochs=run["local_epochs"])
         args.overrides = {}
@@ -78,13 +95,13 @@ def train_one(run: dict[str, Any], data_root: Path) -> dict[str, Any]:
     return out
 
 
-def plan(budgets: list[int], local_epochs: list[int], seeds: list[int]) -> list[dict[str, Any]]:
+def plan(budgets: list[int], local_epochs: list[int], seeds: list[int], *, via: str = "local") -> list[dict[str, Any]]:
     runs = []
     for seed in seeds:
         for budget in budgets:
             runs.append({"method": "centralized", "budget": budget, "local_epochs": None, "seed": seed})
             runs += [
-                {"method": "fedavg", "budget": budget, "local_epochs": le, "seed": seed}
+                {"method": "fedavg", "budget": budget, "local_epochs": le, "seed": seed, "via": via}
                 for le in local_epochs
                 if budget % le == 0
             ]
@@ -125,6 +142,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per training (0: torch's default)")
     ap.add_argument("--work", type=Path, help="keep the synthetic federation here")
     ap.add_argument("--out", type=Path, default=RESULTS / "fl_schedule.md")
+    ap.add_argument(
+        "--fedavg-via",
+        choices=["local", "nvflare"],
+        default="local",
+        help="FedAvg through the job's site code in one process (local) or the real job in NVFlare's simulator",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     bench_fl._setup_environment()
@@ -145,6 +168,7 @@ def main() -> None:
         [int(b) for b in args.budgets.split(",")],
         [int(e) for e in args.local_epochs.split(",")],
         [int(s) for s in args.seeds.split(",")],
+        via=args.fedavg_via,
     )
     splits = bench_fl.site_splits(data_root)
     counts = f"{len(splits[0].train)} train / {len(splits[0].val)} validation / {len(splits[0].test)} test"
@@ -173,8 +197,13 @@ def main() -> None:
         f"{args.size}³ volumes, {args.cases} cases per site ({counts} at site-1); whole run "
         f"{(time.perf_counter() - started) / 60:.1f} min. Test mean Dice over the 7 tissues on the "
         f"{sum(len(s.test) for s in splits)} held-out cases "
-        "of all sites; models chosen on validation Dice. FedAvg = the job's site code and weighted average without "
-        "NVFlare (`bench_fl.run_local`).",
+        "of all sites; models chosen on validation Dice. "
+        + (
+            "FedAvg = the real NVFlare job in the simulator (`bench_fl.run_fl`; its best global model, "
+            "`fetal_brain_best.pt`, chosen by the job's server on validation Dice)."
+            if args.fedavg_via == "nvflare"
+            else "FedAvg = the job's site code and weighted average without NVFlare (`bench_fl.run_local`)."
+        ),
         "",
         *table(results),
         "",

@@ -148,7 +148,7 @@ def fl_overhead(d: dict[str, Any], name: str = "fl_overhead") -> list[Row]:
     return rows
 
 
-def fl_schedule(d: dict[str, Any]) -> list[Row]:
+def fl_schedule(d: dict[str, Any], name: str = "fl_schedule") -> list[Row]:
     """Per budget: the FedAvg split whose worst seed is closest to centralized (same seed)."""
     results = d["results"]
     central = {(r["budget"], r["seed"]): r["dice"] for r in results if r["method"] == "centralized"}
@@ -168,7 +168,7 @@ def fl_schedule(d: dict[str, Any]) -> list[Row]:
         worst, le, gaps = best
         rows.append(
             Row(
-                "fl_schedule",
+                name,
                 f"FedAvg − centralized at {budget} passes, best split {budget // le} rounds × {le} local epochs "
                 f"({len(gaps)} seed(s))",
                 ", ".join(f"{g:+.3f}" for g in gaps),
@@ -213,7 +213,9 @@ def attacks(d: dict[str, Any]) -> list[Row]:
 def privacy_utility(d: dict[str, Any], name: str = "privacy_utility") -> list[Row]:
     rows = []
     runs = d["rows"]
+    public = (d.get("public_pretraining_only") or {}).get("all")
     for start in sorted({r["start"] for r in runs}):
+        alone = f": {public:.3f} alone" if start == "public" and public is not None else ""
         plain = next((r for r in runs if r["start"] == start and r.get("target_epsilon") is None), None)
         for r in runs:
             eps = r.get("target_epsilon")
@@ -223,7 +225,7 @@ def privacy_utility(d: dict[str, Any], name: str = "privacy_utility") -> list[Ro
             rows.append(
                 Row(
                     name,
-                    f"held-out Dice, DP-SGD ε ≈ {_eps(r.get('epsilon', eps))} − non-private ({start} start)",
+                    f"held-out Dice, DP-SGD ε ≈ {_eps(r.get('epsilon', eps))} − non-private ({start} start{alone})",
                     f"{r['dice']['all']:.3f} − {plain['dice']['all']:.3f} = {gap:+.3f}",
                     "≥ −0.05 at ε ≤ 8" if eps <= 8 else "–",
                     _verdict(gap >= -0.05) if eps <= 8 else "–",
@@ -294,9 +296,11 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "fl_overhead": fl_overhead,
     "fl_overhead_long": lambda d: fl_overhead(d, "fl_overhead_long"),  # rounds of ~30 s
     "fl_schedule": fl_schedule,
+    "fl_schedule_nvflare": lambda d: fl_schedule(d, "fl_schedule_nvflare"),  # FedAvg through the NVFlare job
     "attacks": attacks,
     "privacy_utility": privacy_utility,
     "privacy_utility_n768": lambda d: privacy_utility(d, "privacy_utility_n768"),  # 8× the cases per site
+    "privacy_utility_public96": lambda d: privacy_utility(d, "privacy_utility_public96"),  # stronger public start
     "load": load,
     "baseline": baseline,
 }
