@@ -1,8 +1,11 @@
 """``fetal-fl demo``: what the project does, on synthetic data, in one command.
 
-Synthesize a 3-site federation, train it federatedly in NVFlare (simulator, or ``--poc``) with DP-SGD and
-percentile sharing and each site's privacy policy, compare with single-site and centralized training at the same
-budget on the same held-out cases, install the best global model into the MONAI Label app, and write a report.
+Synthesize a 3-site federation and one more "public" site, pretrain the bundle's network on the public site
+(non-private: it stands for public data such as the FeTA releases, and costs no site any ε), train the federation
+from that model in NVFlare (simulator, or ``--poc``) with DP-SGD and percentile sharing and each site's privacy
+policy, compare with single-site and centralized training from the same start at the same budget on the same
+held-out cases, install the best global model into the MONAI Label app, and write a report. ``--no-public``
+starts everything from fresh weights instead (with DP-SGD at these data sizes that model is useless).
 
 Nothing federated is re-implemented here: the job is ``nvflare_jobs``' own, and progress, ε and the best model
 are read from the files the job writes (``metrics/round_metrics.jsonl``, ``fetal_brain_best.pt``,
@@ -48,6 +51,8 @@ class Size:
     steps_per_epoch: int | None
     batch_size: int | None
     plain_fedavg: bool  # also run FedAvg without privacy (one more federated run)
+    public_cases: int = 0  # cases of the public site every model starts from (0: fresh weights)
+    public_epochs: int = 0
 
     @property
     def epochs(self) -> int:
@@ -55,10 +60,10 @@ class Size:
 
 
 SIZES = {
-    "quick": Size("quick", 32, 4, "tiny", 3, 1, None, 1, plain_fedavg=False),
+    "quick": Size("quick", 32, 4, "tiny", 3, 1, None, 1, plain_fedavg=False, public_cases=4, public_epochs=2),
     # 64³ × 10 cases/site (6 train / 2 val / 2 test, as bench/bench_baseline.py): 10 rounds × 6 local epochs
-    "default": Size("default", 64, 10, None, 10, 6, None, None, plain_fedavg=True),
-    "feta": Size("feta", 256, 8, "feta", 10, 1, 4, 1, plain_fedavg=False),
+    "default": Size("default", 64, 10, None, 10, 6, None, None, plain_fedavg=True, public_cases=10, public_epochs=60),
+    "feta": Size("feta", 256, 8, "feta", 10, 1, 4, 1, plain_fedavg=False, public_cases=4, public_epochs=4),
 }
 
 
@@ -89,6 +94,11 @@ def register(subparsers: Any) -> None:
         "--size", choices=sorted(SIZES), default=None, help="default: 64³ × 10 cases/site; feta: 256³ volumes"
     )
     p.add_argument("--poc", action="store_true", help="run the federated job through a local POC system")
+    p.add_argument(
+        "--no-public",
+        action="store_true",
+        help="no public pretraining: every model starts from fresh weights (the DP-SGD model stays useless)",
+    )
     p.add_argument("--rounds", type=int, help="federated rounds (default depends on the size)")
     p.add_argument("--sites", type=int, default=3, help="number of synthetic sites")
     p.add_argument("--seed", type=int, default=0, help="random seed (data, splits, initial model)")
@@ -141,7 +151,15 @@ def dp_plan(sites: list[str], *, delta: float = 1e-5, margin: float = 0.9) -> di
 
 
 def job_config(
-    size: Size, data_root: Path, sites: list[str], *, rounds: int, seed: int, private: bool, poc: bool
+    size: Size,
+    data_root: Path,
+    sites: list[str],
+    *,
+    rounds: int,
+    seed: int,
+    private: bool,
+    poc: bool,
+    initial_checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """The federated job config the demo runs (the same schema as nvflare_jobs/fetal_brain/config.json)."""
     privacy: dict[str, Any] = {"filters": [], "dp_sgd": None, "sites": {}}
@@ -173,7 +191,56 @@ def job_config(
         "tracking": "tensorboard",
         "cross_site_eval": True,
         "runtime": {"external_process": True, "torch_threads": 1, "init_seed": seed},
+        "initial_checkpoint": str(initial_checkpoint.resolve()) if initial_checkpoint else None,
     }
+
+
+@dataclass
+class PublicStart:
+    """The model every experiment starts from: pretrained, non-private, on one more synthetic site."""
+
+    site: str
+    cases: int
+    epochs: int
+    checkpoint: Path
+    seconds: float
+
+
+def pretrain_public(size: Size, out: Path, *, n_sites: int, seed: int, bundle: Any) -> PublicStart:
+    """Write the public site (the federation's next site: its own acquisition profile) and train on it.
+
+    Its training and held-out cases are all public, so both train; its validation cases pick the epoch. Nothing
+    of the federation's sites is used, and no privacy accounting applies (public data)."""
+    from fetalseg.baseline import load_sites
+    from fetalseg.data.federation import site_seed, write_site
+    from fetalseg.data.phantom import site_profiles
+    from fetalseg.training import fit
+
+    t0 = time.perf_counter()
+    profile = site_profiles(n_sites + 1, seed=seed)[n_sites]
+    site_dir = write_site(
+        out / "public" / "data" / "public-site", profile, n_cases=size.public_cases, shape=(size.shape,) * 3,
+        seed=site_seed(seed, n_sites), overwrite=True,
+    )  # fmt: skip
+    (split,) = load_sites([site_dir], seed=seed)
+    checkpoint = out / "public" / "model.pt"
+    fit(
+        bundle, [*split.train, *split.test], split.val or split.train, max_epochs=size.public_epochs,
+        val_interval=max(1, size.public_epochs // 6), checkpoint=checkpoint, seed=seed,
+        checkpoint_info={"origin": "fetal-fl demo: public pretraining (non-private)", "trained_on": [profile.name]},
+    )  # fmt: skip
+    return PublicStart(profile.name, size.public_cases, size.public_epochs, checkpoint, time.perf_counter() - t0)
+
+
+def start_network(bundle: Any, public: PublicStart | None) -> Any:
+    """A fresh network for a baseline: the public model's weights when there is one."""
+    if public is None:
+        return None
+    from fetalseg.bundle import load_checkpoint
+
+    net = bundle.network()
+    load_checkpoint(net, public.checkpoint)
+    return net
 
 
 @contextlib.contextmanager
@@ -371,7 +438,7 @@ def run_demo(args: argparse.Namespace) -> int:
     def lap(name: str, t0: float) -> None:
         timings[name] = time.perf_counter() - t0
 
-    steps = 6
+    steps = 7
     t0 = time.perf_counter()
     print(f"[1/{steps}] synthesizing {args.sites} sites × {size.cases} cases of {size.shape}³ into {out / 'data'}")
     site_dirs = write_federation(
@@ -383,28 +450,49 @@ def run_demo(args: argparse.Namespace) -> int:
     bundle = Bundle("train", variant=size.variant)
     lap("synthesize", t0)
 
+    public: PublicStart | None = None
+    t0 = time.perf_counter()
+    if args.no_public or size.public_cases < 1:
+        print(f"[2/{steps}] no public pretraining (--no-public): every model starts from fresh weights")
+    else:
+        print(f"[2/{steps}] public pretraining: {size.public_cases} cases of one more synthetic site (public data, "
+              f"non-private, no ε), {size.public_epochs} epochs; every model below starts from it")  # fmt: skip
+        public = pretrain_public(size, out, n_sites=args.sites, seed=args.seed, bundle=bundle)
+    lap("public_pretraining", t0)
+    initial = public.checkpoint if public else None
+
     mode = "POC (nvflare job submit)" if args.poc else "simulator"
-    print(f"[2/{steps}] federated training in NVFlare's {mode}: {rounds} rounds, DP-SGD + percentile sharing, "
+    print(f"[3/{steps}] federated training in NVFlare's {mode}: {rounds} rounds, DP-SGD + percentile sharing, "
           f"site policies '{POLICY_SCOPE}'")  # fmt: skip
     t0 = time.perf_counter()
-    cfg = job_config(size, out / "data", sites, rounds=rounds, seed=args.seed, private=True, poc=args.poc)
+    cfg = job_config(
+        size, out / "data", sites, rounds=rounds, seed=args.seed, private=True, poc=args.poc,
+        initial_checkpoint=initial,
+    )  # fmt: skip
     print(f"  DP-SGD plan: {cfg['privacy']['dp_sgd']} (ε target = 0.9 × the smallest max ε of the site policies)")
     (out / "fl").mkdir(exist_ok=True)
     job_dir = run_federated(cfg, out / "fl" / "private", poc=args.poc)
     private_rows = read_rounds(job_dir)
     lap("federated_private", t0)
 
-    print(f"[3/{steps}] evaluating on every site's held-out cases; baselines at the same budget "
+    print(f"[4/{steps}] evaluating on every site's held-out cases; baselines at the same budget "
           f"({size.epochs} epochs = {rounds} rounds × {size.local_epochs} local epochs)")  # fmt: skip
     t0 = time.perf_counter()
     experiments: list[Experiment] = []
+    if public is not None:
+        s, ev = evaluate_checkpoint(public.checkpoint, splits, bundle)
+        experiments.append(Experiment("public pretraining only", ev["summary"], s, None, public.checkpoint))
+        print(f"  public pretraining only (no site data): mean Dice {ev['summary']['all']['mean']['dice']:.3f}")
     ckpt = best_checkpoint(job_dir)
     scores, fl_eval = evaluate_checkpoint(ckpt, splits, bundle)
     experiments.append(Experiment("federated+privacy", fl_eval["summary"], scores, final_epsilon(private_rows), ckpt))
     plain_rows: list[dict[str, Any]] = []
     if size.plain_fedavg:
         print("  FedAvg without privacy (same job, no DP-SGD, no filters)")
-        plain_cfg = job_config(size, out / "data", sites, rounds=rounds, seed=args.seed, private=False, poc=args.poc)
+        plain_cfg = job_config(
+            size, out / "data", sites, rounds=rounds, seed=args.seed, private=False, poc=args.poc,
+            initial_checkpoint=initial,
+        )  # fmt: skip
         plain_dir = run_federated(plain_cfg, out / "fl" / "plain", poc=args.poc)
         plain_rows = read_rounds(plain_dir)
         s, ev = evaluate_checkpoint(best_checkpoint(plain_dir), splits, bundle)
@@ -415,13 +503,13 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     central = train_and_evaluate(
         splits, train_sites=sites, name="centralized", bundle=bundle, checkpoint=out / "centralized" / "model.pt",
-        **budget,
+        network=start_network(bundle, public), **budget,
     )  # fmt: skip
     experiments.append(Experiment("centralized", central.summary, central.scores, None, central.checkpoint))
     for site in sites:
         r = train_and_evaluate(
             splits, train_sites=[site], name=f"single-site {site}", bundle=bundle,
-            checkpoint=out / "single" / site / "model.pt", **budget,
+            checkpoint=out / "single" / site / "model.pt", network=start_network(bundle, public), **budget,
         )  # fmt: skip
         experiments.append(Experiment(f"single-site {site}", r.summary, r.scores, None, r.checkpoint))
         print(f"  single-site {site}: mean Dice {r.summary['all']['mean']['dice']:.3f}")
@@ -429,7 +517,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  federated+privacy: mean Dice {fl_eval['summary']['all']['mean']['dice']:.3f}")
     lap("evaluate_and_baselines", t0)
 
-    print(f"[4/{steps}] installing the best global model into the MONAI Label app")
+    print(f"[5/{steps}] installing the best global model into the MONAI Label app")
     t0 = time.perf_counter()
     model_path = out / "app" / "model.pt"
     installed = install_into_app(ckpt, model_path, size.variant)
@@ -438,14 +526,14 @@ def run_demo(args: argparse.Namespace) -> int:
     command = server_command(studies, model_path, size.variant, args.port)
     lap("install", t0)
 
-    print(f"[5/{steps}] writing the report")
+    print(f"[6/{steps}] writing the report")
     t0 = time.perf_counter()
     run = DemoRun(
         out=out, size=size.name, shape=size.shape, cases_per_site=size.cases, variant=size.variant, rounds=rounds,
         local_epochs=size.local_epochs,
         mode=mode, sites=sites, splits=splits, bundle=bundle, experiments=experiments, private_rows=private_rows,
         plain_rows=plain_rows, job_config=cfg, job_dir=job_dir, installed=installed, server_command=command,
-        timings=timings, fl_info=fl_eval["info"],
+        timings=timings, fl_info=fl_eval["info"], public=public,
     )  # fmt: skip
     report = write_report(run)
     lap("report", t0)
@@ -464,7 +552,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     )
 
-    print(f"[6/{steps}] done in {total:.0f} s. Report: {report}\n")
+    print(f"[7/{steps}] done in {total:.0f} s. Report: {report}\n")
     print("Next steps:")
     for line in next_steps(command):
         print(f"  {line}")

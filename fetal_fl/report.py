@@ -53,6 +53,7 @@ class DemoRun:
     server_command: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     fl_info: dict[str, Any] = field(default_factory=dict)
+    public: Any = None  # fetal_fl.demo.PublicStart, or None when every model started from fresh weights
 
 
 def _plt() -> Any:
@@ -409,7 +410,7 @@ def write_report(run: DemoRun) -> Path:
             continue
         if e.epsilon:
             points.append((e.name, max(e.epsilon.values()), dice))
-        elif e.name in ("federated", "centralized"):
+        elif e.name in ("federated", "centralized", "public pretraining only"):
             refs[e.name] = dice
     figs.append(("Privacy–utility: mean held-out Dice against ε (the points this run produced)",
                  plot_privacy_utility(points, refs, folder / "privacy_utility.png")))  # fmt: skip
@@ -424,6 +425,23 @@ def write_report(run: DemoRun) -> Path:
         f"(bundle variant: {run.variant or 'default'}). Federated training: NVFlare {run.mode}, FedAvg, "
         f"{run.rounds} rounds, DP-SGD at every site and each site's privacy policy.",
         "",
+        *(
+            [
+                f"**Start:** every model (federated, centralized, single-site) starts from a model pretrained "
+                f"non-privately on {run.public.cases} cases of one more synthetic site ({run.public.site} "
+                f"acquisition profile, {run.public.epochs} epochs, {run.public.seconds:.0f} s). It stands for public "
+                "data (e.g. the public FeTA releases): it is not any federation site's data, so it costs no ε and "
+                "is not covered by the privacy guarantees below. The row *public pretraining only* is that model "
+                "before any federated training: the difference to it is what the sites' data added.",
+                "",
+            ]
+            if run.public is not None
+            else [
+                "**Start:** fresh weights (`--no-public`). With DP-SGD at these data sizes the private model stays "
+                "near chance; a public start is what keeps it usable (docs/privacy.md).",
+                "",
+            ]
+        ),
         f"Installed model: `{run.installed.get('path', run.installed.get('model_path', ''))}` "
         f"(origin {info.get('origin', run.installed.get('origin'))}, job {info.get('job_id')}, round "
         f"{info.get('round')}, validation mean Dice {_fmt(info.get('val_mean_dice'))}). Start the server with:",

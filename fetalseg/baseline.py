@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fetalseg.bundle import Bundle
 from fetalseg.data.loaders import Case, load_dataset, split_cases
 from fetalseg.evaluation import evaluate_cases
@@ -102,8 +104,11 @@ def train_and_evaluate(
     seed: int = 0,
     progress: bool = False,
     with_hd95: bool = True,
+    network: torch.nn.Module | None = None,
 ) -> ExperimentResult:
-    """Train on the training cases of ``train_sites`` and score on the held-out cases of *every* site."""
+    """Train on the training cases of ``train_sites`` and score on the held-out cases of *every* site.
+
+    ``network``: the model to start from (e.g. one pretrained on public data); default fresh bundle weights."""
     chosen = [s for s in splits if s.site in set(train_sites)]
     if len(chosen) != len(set(train_sites)):
         missing = set(train_sites) - {s.site for s in splits}
@@ -117,6 +122,7 @@ def train_and_evaluate(
         max_epochs=max_epochs,
         time_budget_s=time_budget_s,
         val_interval=val_interval,
+        network=network,
         checkpoint=checkpoint,
         seed=seed,
         progress=progress,

@@ -58,6 +58,8 @@ class BundleCheckpointWriter(FLComponent):
         bundle_overrides: the job's bundle overrides (the network must be built exactly as the clients build it).
         file_name: checkpoint file name inside the server's app folder.
         key_metric: the metric the model selector ranks on (recorded with the score).
+        initialized_from: provenance of the job's initial checkpoint (file, SHA-256 prefix), recorded with every model
+            written (None: the job started from fresh weights).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class BundleCheckpointWriter(FLComponent):
         bundle_overrides: Mapping[str, Any] | None = None,
         file_name: str = BEST_CHECKPOINT_NAME,
         key_metric: str = "val_mean_dice",
+        initialized_from: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not file_name or os.path.basename(file_name) != file_name or not file_name.endswith(".pt"):
@@ -72,6 +75,7 @@ class BundleCheckpointWriter(FLComponent):
         self.bundle_overrides = dict(bundle_overrides or {})
         self.file_name = file_name
         self.key_metric = key_metric
+        self.initialized_from = dict(initialized_from) if initialized_from else None
         self._cse: dict[str, dict[str, dict[str, Any]]] = {}
         self._last_round = -1
         self._written: dict[str, Any] | None = None
@@ -98,6 +102,8 @@ class BundleCheckpointWriter(FLComponent):
 
     def _save(self, fl_ctx: FLContext, weights: Mapping[str, Any], info: dict[str, Any]) -> None:
         info = {"origin": "nvflare", "job_id": fl_ctx.get_job_id(), **info, "key_metric": self.key_metric}
+        if self.initialized_from:
+            info["initialized_from"] = self.initialized_from
         try:
             path = save_bundle_checkpoint(weights, self._path(fl_ctx), bundle_overrides=self.bundle_overrides, **info)
         except Exception as e:  # a failed write must be loud but must not kill the training run

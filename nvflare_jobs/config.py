@@ -206,13 +206,15 @@ class JobConfig:
     external_process: bool
     torch_threads: int | None
     init_seed: int | None
+    initial_checkpoint: str | None = None
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> JobConfig:
         d = copy.deepcopy(dict(d))
         top = ["name", "algorithm", "num_rounds", "min_clients", "sites", "scope", "bundle_overrides", "data",
-               "training", "privacy", "server", "tracking", "cross_site_eval", "runtime", "description"]  # fmt: skip
+               "training", "privacy", "server", "tracking", "cross_site_eval", "runtime", "description",
+               "initial_checkpoint"]  # fmt: skip
         _check_keys("config", d, top)
 
         name = d.get("name", "fetal_brain")
@@ -349,6 +351,15 @@ class JobConfig:
         if init_seed is not None:
             _int("runtime.init_seed", init_seed, low=0)
 
+        # A bundle checkpoint (e.g. pretrained on public data) the global model starts from instead of fresh
+        # weights. Only its type is checked here: the file is read where the job is built (export / simulation),
+        # and a site parsing the exported config never needs it.
+        initial_checkpoint = d.get("initial_checkpoint")
+        if initial_checkpoint is not None and (not isinstance(initial_checkpoint, str) or not initial_checkpoint):
+            raise ConfigError(
+                f"initial_checkpoint must be a path to a bundle checkpoint or null, got {initial_checkpoint!r}"
+            )
+
         if algorithm == "fedprox" and (dp_sgd is not None or any(v is not None for v in site_dp.values())):
             # Opacus computes per-sample gradients of the data loss only; the proximal term's gradient would be
             # dropped from the private update, so the combination is refused rather than silently changed.
@@ -384,6 +395,7 @@ class JobConfig:
             external_process=external,
             torch_threads=threads,
             init_seed=init_seed,
+            initial_checkpoint=initial_checkpoint,
         )
 
     # ------------------------------------------------------------------------------------------------------

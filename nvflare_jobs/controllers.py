@@ -144,3 +144,15 @@ class FetalFedOpt(MinClientsMixin, FedOpt):
     def __init__(self, *args: Any, device: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, device=device, **kwargs)
         self.device = device
+
+    def update_model(self, global_model: Any, aggr_result: Any) -> Any:
+        """NVFlare's FedOpt steps its own copy of the network from that copy's weights; they are set to the
+        current global model first, so the first step starts from the persistor's initial model (e.g. a
+        pretrained ``initial_checkpoint``), not from the controller's freshly built network. After the first
+        round the two are equal and this copies nothing new."""
+        import numpy as np
+        import torch
+
+        state = {k: torch.as_tensor(np.asarray(v)) for k, v in global_model.params.items()}
+        self.torch_model.load_state_dict(state, strict=True)
+        return super().update_model(global_model, aggr_result)

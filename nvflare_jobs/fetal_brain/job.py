@@ -51,7 +51,7 @@ from nvflare_jobs.audit import ServerAuditFilter, SiteAuditFilter
 from nvflare_jobs.checkpoint import BundleCheckpointWriter
 from nvflare_jobs.config import CONFIG_FILE_NAME, SPARSE_DECODER, JobConfig, load_config
 from nvflare_jobs.controllers import FetalFedAvg, FetalFedOpt
-from nvflare_jobs.fetal_brain.model import FetalBrainNet
+from nvflare_jobs.fetal_brain.model import FetalBrainNet, write_initial_model
 from nvflare_jobs.filters import build_class_filter, build_filter
 from nvflare_jobs.guard import UpdateGuard
 from nvflare_jobs.site_policy import RequireDPSGD
@@ -64,6 +64,7 @@ DEFAULT_CONFIG = HERE / "config.json"
 MODEL_CLASS = "nvflare_jobs.fetal_brain.model.FetalBrainNet"
 KEY_METRIC = "val_mean_dice"
 TRAIN_TASK = "train"
+INITIAL_MODEL_NAME = "initial_global_model.pt"  # in the server app's custom/ folder of an exported job
 # Installed at every site; never copied into a job's custom/ folder (a partial copy would shadow the package).
 APP_PACKAGES = ["fetalseg", "privacy", "nvflare_jobs"]
 
@@ -102,9 +103,20 @@ class FetalBrainRecipe(FedAvgRecipe):
             "class_path": MODEL_CLASS,
             "args": {"bundle_overrides": config.bundle_overrides, "init_seed": config.init_seed},
         }
+        # A pretrained start: checked against the network and converted here, then NVFlare's own initial_ckpt.
+        # A relative path makes NVFlare bundle the file into the server app (the job folder stays self-contained).
+        self.initial_model: dict[str, Any] | None = None
+        initial_ckpt = None
+        if config.initial_checkpoint:
+            staged_model = staging / INITIAL_MODEL_NAME
+            self.initial_model = write_initial_model(
+                config.initial_checkpoint, staged_model, bundle_overrides=config.bundle_overrides
+            )
+            initial_ckpt = os.path.relpath(staged_model)
         super().__init__(
             name=config.name,
             model=model,
+            initial_ckpt=initial_ckpt,
             min_clients=config.min_clients,
             num_rounds=config.num_rounds,
             train_script=str(script),
@@ -131,7 +143,10 @@ class FetalBrainRecipe(FedAvgRecipe):
             self.add_server_input_filter(build_class_filter(SPARSE_DECODER, {}), tasks=[TRAIN_TASK])
         # ...then every update is checked before it can reach the aggregator
         self.add_server_input_filter(UpdateGuard(max_norm=config.max_update_norm), tasks=[TRAIN_TASK])
-        self._job.to_server(BundleCheckpointWriter(bundle_overrides=config.bundle_overrides), id="bundle_checkpoint")
+        self._job.to_server(
+            BundleCheckpointWriter(bundle_overrides=config.bundle_overrides, initialized_from=self.initial_model),
+            id="bundle_checkpoint",
+        )
         # NVFlare's server.task_request_interval: how long a site waits after a task before asking for the next
         self._job.to_server({"server": {"task_request_interval": config.task_request_interval_s}})
         if config.tracking:

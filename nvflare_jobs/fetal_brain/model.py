@@ -62,3 +62,39 @@ def save_bundle_checkpoint(
     model = FetalBrainNet(bundle_overrides, init_seed=None)
     model.load_state_dict(to_state_dict(params), strict=True)
     return save_checkpoint(model.net, path, bundle_overrides=dict(bundle_overrides or {}), **info)
+
+
+def write_initial_model(
+    checkpoint: str | Path, out: str | Path, *, bundle_overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Turn a bundle checkpoint into the initial global model NVFlare's persistor loads (``net.``-prefixed keys).
+
+    Why: a federation usually starts from a model pretrained on public data (with DP-SGD it is what keeps the
+    private model usable); the bundle's checkpoint format has no ``net.`` prefix. The weights are loaded strictly
+    into the job's network first, so a checkpoint of another architecture or grid fails here, before any site
+    trains. Returns provenance for the job's records (file name, the first 16 hex digits of its SHA-256: enough
+    to tell checkpoints apart, and short of what NVFlare's exporter flags as a possible secret; its own info).
+    """
+    import hashlib
+
+    from fetalseg.bundle import load_checkpoint
+
+    source = Path(checkpoint)
+    if not source.is_file():
+        raise ValueError(f"initial_checkpoint {source} does not exist (a bundle checkpoint .pt is expected)")
+    model = FetalBrainNet(bundle_overrides, init_seed=None)
+    try:
+        info = load_checkpoint(model.net, source)
+    except Exception as e:  # unpickling errors, missing/unexpected keys, shape mismatches
+        raise ValueError(
+            f"initial_checkpoint {source} does not fit the job's network (bundle overrides "
+            f"{dict(bundle_overrides or {})}): {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        ) from e
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, out)
+    return {
+        "file": source.name,
+        "sha256_prefix": hashlib.sha256(source.read_bytes()).hexdigest()[:16],
+        "info": {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None},
+    }

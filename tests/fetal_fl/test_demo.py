@@ -201,3 +201,22 @@ def test_serve_uses_this_installations_cli_without_an_activated_environment() ->
     proc = subprocess.run([*this_cli(), "app", "serve", "--help"], env=env, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "--studies" in proc.stdout
+
+
+def test_every_model_starts_from_the_public_pretraining(demo: dict) -> None:
+    """The federated jobs start from the public model (NVFlare's initial checkpoint), the installed model says
+    so, its Dice before any site data is reported, and the report says what the public data is and is not."""
+    import hashlib
+
+    import torch
+
+    public = demo["out"] / "public" / "model.pt"
+    assert public.is_file()
+    results = json.loads((demo["out"] / "report" / "results.json").read_text())
+    assert "public pretraining only" in results["experiments"]
+    installed = torch.load(Path(demo["summary"]["installed_model"]), map_location="cpu", weights_only=False)
+    assert installed["initialized_from"]["file"] == public.name
+    assert installed["initialized_from"]["sha256_prefix"] == hashlib.sha256(public.read_bytes()).hexdigest()[:16]
+    report = (demo["out"] / "report" / "report.md").read_text()
+    assert "costs no ε" in report and "| public pretraining only |" in report
+    assert "public pretraining" in demo["stdout"]

@@ -52,6 +52,8 @@ def test_defaults_are_fedavg_on_three_sites() -> None:
         ({"server": {"max_update_norm": -1}}, "max_update_norm"),
         ({"training": {"local_epochs": 0}}, "local_epochs"),
         ({"tracking": "mlflow"}, "tracking"),
+        ({"initial_checkpoint": ""}, "initial_checkpoint"),
+        ({"initial_checkpoint": {"path": "x.pt"}}, "initial_checkpoint"),
     ],
 )
 def test_bad_configs_are_refused_with_the_key_named(changes: dict, message: str) -> None:

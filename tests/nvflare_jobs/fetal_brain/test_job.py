@@ -181,3 +181,55 @@ def test_sites_ask_for_the_next_task_without_nvflares_two_second_pause(tmp_path:
     assert _read(export_job(cfg, tmp_path / "a"), "app_server")["server"] == {"task_request_interval": 0.5}
     cfg["server"]["task_request_interval_s"] = 2.0
     assert _read(export_job(cfg, tmp_path / "b"), "app_server")["server"] == {"task_request_interval": 2.0}
+
+
+def _bundle_checkpoint(path: Path, seed: int = 5) -> dict:
+    """A bundle-format checkpoint (as `fetal-fl`, the app or MONAI's CheckpointSaver write it); its weights."""
+    from fetalseg.bundle import save_checkpoint
+    from nvflare_jobs.fetal_brain.model import FetalBrainNet
+
+    net = FetalBrainNet({}, init_seed=seed).net
+    save_checkpoint(net, path, note="pretrained on public data")
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_an_initial_checkpoint_travels_in_the_job_folder_with_the_job_keys(tmp_path: Path) -> None:
+    import torch
+
+    from nvflare_jobs.fetal_brain.job import INITIAL_MODEL_NAME
+    from nvflare_jobs.fetal_brain.model import PREFIX
+
+    weights = _bundle_checkpoint(tmp_path / "public.pt")
+    cfg = json.loads(DEFAULT_CONFIG.read_text())
+    cfg["initial_checkpoint"] = str(tmp_path / "public.pt")
+    job = export_job(cfg, tmp_path / "jobs")
+    custom = job / "app_server" / "custom"
+    assert sorted(p.name for p in custom.iterdir()) == [INITIAL_MODEL_NAME]  # self-contained: no server-side path
+    components = {c["id"]: c for c in _read(job, "app_server")["components"]}
+    assert components["persistor"]["args"]["source_ckpt_file_full_name"] == INITIAL_MODEL_NAME
+    staged = torch.load(custom / INITIAL_MODEL_NAME, weights_only=True)["model"]
+    assert set(staged) == {PREFIX + k for k in weights}
+    assert all(torch.equal(staged[PREFIX + k], v) for k, v in weights.items())
+    provenance = components["bundle_checkpoint"]["args"]["initialized_from"]
+    assert provenance["file"] == "public.pt" and len(provenance["sha256_prefix"]) == 16
+    assert provenance["info"] == {"note": "pretrained on public data"}
+
+
+def test_an_initial_checkpoint_that_is_missing_or_does_not_fit_fails_when_the_job_is_built(tmp_path: Path) -> None:
+    import torch
+
+    cfg = json.loads(DEFAULT_CONFIG.read_text())
+    cfg["initial_checkpoint"] = str(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="does not exist"):
+        build_recipe(cfg)
+    weights = _bundle_checkpoint(tmp_path / "other.pt")
+    first = next(iter(weights))
+    weights[first] = torch.zeros(3)  # another architecture
+    torch.save({"model": weights}, tmp_path / "other.pt")
+    cfg["initial_checkpoint"] = str(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="does not fit the job's network"):
+        build_recipe(cfg)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    cfg["initial_checkpoint"] = str(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        build_recipe(cfg)
