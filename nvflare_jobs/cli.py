@@ -140,7 +140,20 @@ def _check(args: argparse.Namespace) -> int:
         "filters": {site: [f.type for f in config.filters_for(site)] for site in config.sites},
         "dp_sgd": {site: config.dp_sgd_for(site) for site in config.sites},
         "data_root": config.data_root,
+        "initial_checkpoint": None,
     }
+    if config.initial_checkpoint:  # checked as the job build checks it: a bad start fails here, not at a site
+        import tempfile
+
+        from nvflare_jobs.fetal_brain.model import write_initial_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            summary["initial_checkpoint"] = {
+                "path": config.initial_checkpoint,
+                **write_initial_model(
+                    config.initial_checkpoint, Path(tmp) / "initial.pt", bundle_overrides=config.bundle_overrides
+                ),
+            }
     print(json.dumps(summary, indent=2))
     return 0
 

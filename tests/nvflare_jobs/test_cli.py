@@ -33,6 +33,22 @@ def test_check_summarises_per_site_privacy(capsys: pytest.CaptureFixture) -> Non
     assert summary["filters"] == {"site-1": [], "site-2": ["svt"], "site-3": []}
 
 
+def test_check_validates_and_shows_the_initial_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fetalseg.bundle import save_checkpoint
+    from nvflare_jobs.fetal_brain.model import FetalBrainNet
+
+    save_checkpoint(FetalBrainNet({}, init_seed=1).net, tmp_path / "public.pt", origin="public pretraining")
+    cfg = json.loads(DEFAULT_CONFIG.read_text())
+    cfg["initial_checkpoint"] = str(tmp_path / "public.pt")
+    (tmp_path / "job.json").write_text(json.dumps(cfg))
+    assert _run(["fl", "check", str(tmp_path / "job.json")]) == 0
+    shown = json.loads(capsys.readouterr().out)["initial_checkpoint"]
+    assert shown["file"] == "public.pt" and shown["info"] == {"origin": "public pretraining"}
+    (tmp_path / "public.pt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="does not fit"):
+        _run(["fl", "check", str(tmp_path / "job.json")])
+
+
 def test_export_writes_a_submittable_job_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert _run(["fl", "export", "--out", str(tmp_path)]) == 0
     job = Path(capsys.readouterr().out.strip())
