@@ -135,15 +135,30 @@ class FetalBrainApp(MONAILabelApp):
         threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
 
     def _warm_up(self) -> None:
-        """Load the model and run one window so the first user's inference does not pay for kernel set-up."""
+        """Load the model and run one window so the first user's inference does not pay for kernel set-up; then
+        prepare the studies (``prepare_on_start``), unlabelled first: those are the ones users open next."""
+        task = self._infers[MODEL_NAME]
         try:
-            task = self._infers[MODEL_NAME]
             network = self.store.current().network
             roi = tuple(task.default_roi)
             with torch.no_grad():
                 network(torch.zeros((1, 1, *roi), device=self.store.device))
         except Exception:  # a broken checkpoint is reported by /info/ and by the first inference
             log.exception("model warm-up failed")
+        if not self.app_config.prepare_on_start:
+            self.prepared.warm_up["state"] = "off (prepare_on_start false)"
+            return
+        try:
+            store = self.datastore()
+            unlabelled = list(store.get_unlabeled_images())
+            first = set(unlabelled)
+            paths = []
+            for image_id in [*unlabelled, *(i for i in store.list_images() if i not in first)]:
+                with contextlib.suppress(Exception):  # an id the datastore cannot resolve is its /infer's 4xx
+                    paths.append(store.image_file(image_id))
+            task.prepare_all(paths)
+        except Exception:  # never fatal: requests prepare their own input
+            log.exception("preparing the studies at start failed")
 
     # -- lookups used by the HTTP front ----------------------------------------------------------------------------
     def info_models(self) -> list[str]:

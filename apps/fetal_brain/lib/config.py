@@ -36,6 +36,8 @@ Keys (all optional):
   (prepared in the background when ``/activelearning`` hands a case out, a client downloads an image or an image
   is uploaded, so the /infer that follows only runs the network); 0 turns it off.
   See :mod:`apps.fetal_brain.lib.prepared`.
+* ``prepare_on_start`` (default true): also prepare every study at server start, unlabelled first, on a
+  lowest-priority background thread, until ``prepared_cache_mb`` is full.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ _KEYS = {
     "cors_origins",
     "audit_log",
     "prepared_cache_mb",
+    "prepare_on_start",
 }
 
 
@@ -101,6 +104,7 @@ class AppConfig:
     cors_origins: tuple[str, ...] = ()
     audit_log: Path | None = None
     prepared_cache_bytes: int = 512 * 2**20
+    prepare_on_start: bool = True
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None) -> AppConfig:
@@ -154,6 +158,7 @@ class AppConfig:
             prepared_cache_bytes=int(
                 _number(raw.get("prepared_cache_mb", 512), "prepared_cache_mb", float, low=0, high=2**20) * 2**20
             ),
+            prepare_on_start=_bool(raw.get("prepare_on_start", True), "prepare_on_start"),
         )
 
     def bundle(self, purpose: str = "inference", **extra: Any) -> Bundle:

@@ -146,17 +146,22 @@ class FetalBrainSegmentation(BasicInferTask):
             load_image(image)  # a corrupt input raises UnprocessableError with the reason; a server bug re-raises below
             raise
 
+    def _prepare(self, path: str) -> dict[str, Any]:
+        """What a background thread computes for a study (callers may be on the event loop: never call it there)."""
+        check_image_header(path)
+        return self.segmenter().preprocess(path)
+
     def prefetch(self, image: str | Path) -> bool:
         """Pre-process a datastore image in the background so its next /infer only runs the network; True if
         queued (False: cache off, already kept or pending, or not a datastore file). Errors wait for the /infer."""
         if self.prepared is None:
             return False
+        return self.prepared.prefetch(image, self._prepare)
 
-        def prepare(path: str) -> dict[str, Any]:  # on the prefetch thread: callers may be on the event loop
-            check_image_header(path)
-            return self.segmenter().preprocess(path)
-
-        return self.prepared.prefetch(image, prepare)
+    def prepare_all(self, images: list[str | Path]) -> None:
+        """Prepare ``images`` (datastore files, in order) on the lowest-priority thread until the budget is full."""
+        if self.prepared is not None:
+            self.prepared.warm(images, self._prepare)
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict:
         image = data.get(self.input_key)

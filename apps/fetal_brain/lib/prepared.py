@@ -8,6 +8,11 @@ client (``GET /datastore/image``: a viewer opening it) or uploaded, a background
 /infer that follows (or an /infer after fine-tuning published a new model) runs the network at once. The result
 is identical: the same pre-processed tensor the /infer would compute.
 
+At server start every study is prepared too (``prepare_on_start``, default on): unlabelled cases first, on one
+background thread at the lowest CPU priority (Linux), until the memory budget is full (the warm-up never evicts
+anything), so an /infer on any study the server already had is warm after the warm-up; files that appear or
+change later are prepared when handed out, downloaded or uploaded, as above. ``/info/`` shows its progress.
+
 An entry is keyed by the file's identity (resolved path, inode, mtime, size) and the pre-processing's fingerprint,
 so a replaced study is prepared again; entries are dropped least recently used beyond ``max_bytes`` (setting
 ``prepared_cache_mb``; 0 turns the cache and the prefetching off). Only files inside the studies folder are kept:
@@ -18,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -58,6 +64,8 @@ class PreparedInputs:
         self._lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
         self.hits = self.misses = self.prefetched = self.failed_prefetches = 0
+        self.warm_up: dict[str, Any] = {"state": "not started", "prepared": 0, "failed": 0, "studies": 0}
+        self._closed = False
 
     @property
     def enabled(self) -> bool:
@@ -98,9 +106,13 @@ class PreparedInputs:
                 self.hits += 1  # a prefetch started before this request: it waits for that work, never redoes it
         if not owner:
             return pending.result()
-        return self._fill(key, pending, lambda: prepare(str(path)))
+        return self._fill(key, pending, lambda: prepare(str(path)))[0]
 
-    def _fill(self, key: tuple, pending: Future, work: Callable[[], Prepared]) -> Prepared:
+    def _fill(
+        self, key: tuple, pending: Future, work: Callable[[], Prepared], *, evict: bool = True
+    ) -> tuple[Prepared, bool]:
+        """Run ``work`` for ``key``, hand the result to whoever waits on ``pending``, keep it if it fits (dropping
+        the least recently used entries unless ``evict`` is False); return it and whether it was kept."""
         try:
             data = {k: v for k, v in work().items() if k == "image"}
         except BaseException as exc:
@@ -111,14 +123,15 @@ class PreparedInputs:
         size = prepared_nbytes(data)
         with self._lock:
             self._pending.pop(key, None)
-            if size <= self.max_bytes:
+            kept = size <= self.max_bytes and (evict or self._bytes + size <= self.max_bytes)
+            if kept:
                 self._entries[key] = (data, size)
                 self._bytes += size
                 while self._bytes > self.max_bytes:
                     _, (_, dropped) = self._entries.popitem(last=False)
                     self._bytes -= dropped
         pending.set_result(data)
-        return data
+        return data, kept
 
     def prefetch(self, path: str | Path, prepare: Callable[[str], Prepared]) -> bool:
         """Prepare ``path`` in the background (one thread; errors are logged, /infer reports them); True if queued."""
@@ -153,6 +166,54 @@ class PreparedInputs:
         prefetcher.submit(run).add_done_callback(abandon)
         return True
 
+    def warm(self, paths: Iterable[str | Path], prepare: Callable[[str], Prepared]) -> threading.Thread | None:
+        """Prepare ``paths`` in order on a low-priority background thread until the budget is full.
+
+        Why a thread of its own: the prefetch thread serves the studies users are about to open and must not
+        queue behind a whole datastore. Nothing is evicted (what users touched stays), a study already kept or
+        being prepared is skipped, a failure is counted and the next study goes on. Returns the thread (None when
+        the cache is off)."""
+        paths = list(paths)
+        with self._lock:
+            self.warm_up = {"state": "off" if not self.enabled else "running", "prepared": 0, "failed": 0,
+                            "studies": len(paths)}  # fmt: skip
+        if not self.enabled:
+            return None
+        thread = threading.Thread(target=self._warm, args=(paths, prepare), name="prepare-studies", daemon=True)
+        thread.start()
+        return thread
+
+    def _warm(self, paths: list[str | Path], prepare: Callable[[str], Prepared]) -> None:
+        _lowest_cpu_priority()
+        state = "done"
+        for path in paths:
+            if self._closed:
+                state = "stopped: server shutting down"
+                break
+            key = self.key(path)
+            if key is None:
+                continue
+            with self._lock:
+                if key in self._entries or key in self._pending:
+                    continue
+                pending: Future = Future()
+                self._pending[key] = pending
+            try:
+                _, kept = self._fill(key, pending, lambda p=path: prepare(str(p)), evict=False)
+            except Exception as exc:
+                with self._lock:
+                    self.warm_up["failed"] += 1
+                log.info("preparing study %s failed (its /infer will say why): %s", path, exc)
+                continue
+            if not kept:
+                state = "stopped: memory budget full (prepared_cache_mb)"
+                break
+            with self._lock:
+                self.warm_up["prepared"] += 1
+        with self._lock:
+            self.warm_up["state"] = state
+        log.info("prepared studies at start: %s", self.warm_up)
+
     def wait_idle(self, timeout: float | None = None) -> None:
         """Block until the prefetches queued so far have finished (for tests and benchmarks)."""
         with self._lock:
@@ -176,10 +237,23 @@ class PreparedInputs:
                 "prefetched": self.prefetched,
                 "failed_prefetches": self.failed_prefetches,
                 "pending": len(self._pending),
+                "warm_up": dict(self.warm_up),
             }
 
     def close(self) -> None:
+        self._closed = True
         with self._lock:
             prefetcher, self._prefetcher = self._prefetcher, None
         if prefetcher is not None:
             prefetcher.shutdown(wait=False, cancel_futures=True)
+
+
+def _lowest_cpu_priority() -> None:
+    """Give the calling thread the lowest CPU priority (nice 19) so user requests win the cores. Linux only:
+    there a thread id is a schedulable task; elsewhere the call would name a process, so nothing is changed."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError as exc:  # not fatal: the warm-up then runs at normal priority
+        log.info("could not lower the warm-up thread's priority: %s", exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,8 +100,21 @@ def server(tmp_path_factory) -> Iterator[Server]:
         ("entropy_candidates", "4"),
     ]
     running = start(studies, workdir=root, conf=conf)
-    yield Server(running.url, studies, model_path, root, running)
+    server = Server(running.url, studies, model_path, root, running)
+    wait_for_warm_up(server)
+    yield server
     running.stop()
+
+
+def wait_for_warm_up(server: Server, timeout_s: float = 120) -> dict:
+    """Block until the server has prepared its studies (``prepare_on_start``), so tests that count cache hits
+    and misses see only their own requests; return the warm-up's final state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = server.info()["prepared_inputs"]["warm_up"]
+        if state["state"] not in ("not started", "running") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,7 @@ def test_bundle_overrides_json():
         ({"bundle_overrides": "[1]"}, "JSON object"),
         ({"prepared_cache_mb": "-5"}, "prepared_cache_mb"),
         ({"prepared_cache_mb": "lots"}, "prepared_cache_mb"),
+        ({"prepare_on_start": "sometimes"}, "prepare_on_start"),
     ],
 )
 def test_bad_settings_fail_with_the_key_named(conf, message):
@@ -90,3 +91,8 @@ def test_prepared_cache_size_in_megabytes_and_zero_turns_it_off():
     assert AppConfig.from_conf({}, env={}).prepared_cache_bytes == 512 * 2**20
     assert AppConfig.from_conf({"prepared_cache_mb": "64"}, env={}).prepared_cache_bytes == 64 * 2**20
     assert AppConfig.from_conf({}, env={"FETAL_BRAIN_PREPARED_CACHE_MB": "0"}).prepared_cache_bytes == 0
+
+
+def test_studies_are_prepared_at_start_unless_turned_off():
+    assert AppConfig.from_conf({}, env={}).prepare_on_start is True
+    assert AppConfig.from_conf({"prepare_on_start": "false"}, env={}).prepare_on_start is False

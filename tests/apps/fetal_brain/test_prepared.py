@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -134,3 +135,48 @@ def test_negative_budget_is_refused(studies):
 
 def test_prepared_nbytes_counts_tensors_and_arrays():
     assert prepared_nbytes({"image": torch.zeros(10), "x": np.zeros(3, dtype=np.uint8), "name": "s"}) == 43
+
+
+def _wait(thread) -> None:
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_warm_up_prepares_studies_in_order_until_the_budget_is_full_and_evicts_nothing(studies):
+    (studies / "c.nii.gz").write_bytes(b"c")
+    cache = PreparedInputs(root=studies, max_bytes=9000, fingerprint="f")  # room for two 4000-byte items
+    calls: list[str] = []
+    cache.get(studies / "c.nii.gz", _prepare_counting(calls))  # a user's entry, kept whatever the warm-up does
+    _wait(cache.warm([studies / n for n in ("c.nii.gz", "a.nii.gz", "b.nii.gz")], _prepare_counting(calls)))
+    assert [os.path.basename(c) for c in calls] == ["c.nii.gz", "a.nii.gz", "b.nii.gz"]  # c skipped: already kept
+    stats = cache.stats()
+    assert stats["entries"] == 2 and stats["bytes"] == 8000  # b did not fit: nothing was dropped for it
+    assert stats["warm_up"] == {
+        "state": "stopped: memory budget full (prepared_cache_mb)", "prepared": 1, "failed": 0, "studies": 3,
+    }  # fmt: skip
+    assert cache.get(studies / "c.nii.gz", _prepare_counting(calls)) and len(calls) == 3  # c: still a hit
+
+
+def test_warm_up_goes_on_after_a_bad_study_and_runs_at_the_lowest_priority(studies):
+    cache = PreparedInputs(root=studies, max_bytes=10**6, fingerprint="f")
+    niceness: list[int] = []
+
+    def prepare(path: str) -> dict:
+        if os.path.basename(path) == "a.nii.gz":
+            raise ValueError("corrupt volume")
+        if hasattr(os, "getpriority"):
+            niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return {"image": torch.zeros(10)}
+
+    _wait(cache.warm([studies / "a.nii.gz", studies / "b.nii.gz", studies.parent / "outside.nii.gz"], prepare))
+    stats = cache.stats()
+    assert stats["warm_up"] == {"state": "done", "prepared": 1, "failed": 1, "studies": 3}
+    assert stats["entries"] == 1 and stats["misses"] == 0
+    if sys.platform.startswith("linux"):  # only the warm-up thread was lowered, not the caller's
+        assert niceness == [19] and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
+
+
+def test_warm_up_with_the_cache_off_does_nothing(studies):
+    cache = PreparedInputs(root=studies, max_bytes=0, fingerprint="f")
+    assert cache.warm([studies / "a.nii.gz"], _prepare_counting([])) is None
+    assert cache.stats()["warm_up"]["state"] == "off"

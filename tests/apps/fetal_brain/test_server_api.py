@@ -18,7 +18,9 @@ from fetalseg.data.io import write_nifti
 from fetalseg.labels import all_labels
 from tests.apps.fetal_brain.conftest import (
     AFFINES,
+    LABELLED,
     MODEL,
+    UNLABELLED,
     snapshot,
     write_dicom_series,
     zip_folder,
@@ -147,6 +149,17 @@ def test_next_sample_random_and_entropy_pick_unlabelled_cases(server, client):
 def _labels_of(response: requests.Response) -> np.ndarray:
     assert response.status_code == 200, response.text
     return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(response.content)).dataobj)
+
+
+def test_every_study_is_prepared_at_start_so_an_infer_on_it_is_warm(server):
+    warm_up = server.info()["prepared_inputs"]["warm_up"]
+    n_studies = len(LABELLED) + len(UNLABELLED) + 1  # + the big volume
+    assert warm_up == {"state": "done", "prepared": n_studies, "failed": 0, "studies": n_studies}
+    before = server.info()["prepared_inputs"]
+    infer = {"image": LABELLED[1], "output": "image"}
+    _labels_of(requests.post(f"{server.url}/infer/{MODEL}", params=infer, timeout=120))
+    after = server.info()["prepared_inputs"]
+    assert after["misses"] == before["misses"] and after["hits"] == before["hits"] + 1
 
 
 def test_next_case_is_prepared_ahead_and_infers_as_a_cold_request_does(server):
