@@ -5,3 +5,7 @@ default config; the modules here are what that job wires on the server (round co
 bundle checkpoint writer), on the clients (privacy filters, site policy checks) and around it (POC and
 provisioned deployments on loopback, command line).
 """
+
+from nvflare_jobs import ast_guard as _ast_guard
+
+_ast_guard.install()  # CPython gh-106905: see nvflare_jobs/ast_guard.py
