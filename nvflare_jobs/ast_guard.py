@@ -1,6 +1,6 @@
 """Serialise ``ast.parse`` across threads: a CPython bug otherwise fails a federated job at random.
 
-Why: CPython 3.11/3.12 keep the AST builder's recursion depth in per-interpreter state; two threads building AST
+Why: CPython (3.11 here) keeps the AST builder's recursion depth in per-interpreter state; two threads building AST
 objects at once (``ast.literal_eval``, which NumPy uses to read every ``.npy`` header) can trip its consistency
 check with ``SystemError: AST constructor recursion depth mismatch`` (python/cpython gh-106905). NVFlare's server
 receives the sites' arrays on several threads at once, and one such error makes it drop the update and end the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import sys
 import threading
 from typing import Any
 
@@ -25,8 +24,9 @@ _MARK = "_fetal_fl_serialised"
 def install() -> bool:
     """Wrap ``ast.parse`` (and so ``ast.literal_eval``, which calls it) in a process-wide lock; idempotent.
 
-    Returns True if this call installed it. Python 3.13 and later are left alone."""
-    if sys.version_info >= (3, 13) or getattr(ast.parse, _MARK, False):
+    Returns True if this call installed it. Installed on every Python version: which releases are free of the
+    race was not checked here, and the lock costs microseconds."""
+    if getattr(ast.parse, _MARK, False):
         return False
     original = ast.parse
 
