@@ -95,6 +95,25 @@ def train_one(run: dict[str, Any], data_root: Path) -> dict[str, Any]:
     return out
 
 
+def _key(run: dict[str, Any]) -> tuple:
+    return (run["method"], run["budget"], run["local_epochs"], run["seed"], run.get("via"))
+
+
+def load_previous(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Results already in ``args.out``'s .json, refused if they were measured on other data or another FedAvg."""
+    path = args.out.with_suffix(".json")
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    for key in ("cases", "size", "fedavg_via"):
+        if old["args"].get(key) != getattr(args, key):
+            raise SystemExit(
+                f"--extend: {path} was measured with --{key.replace('_', '-')} {old['args'].get(key)!r}, "
+                f"not {getattr(args, key)!r}; write to another --out"
+            )
+    return list(old["results"])
+
+
 def plan(budgets: list[int], local_epochs: list[int], seeds: list[int], *, via: str = "local") -> list[dict[str, Any]]:
     runs = []
     for seed in seeds:
@@ -108,12 +127,25 @@ def plan(budgets: list[int], local_epochs: list[int], seeds: list[int], *, via: 
     return runs
 
 
+def chosen_at(r: dict[str, Any]) -> str:
+    """Where validation chose the model: at the last check means the run was still improving (under-trained)."""
+    if r["method"] == "centralized":
+        return f"epoch {r['best_epoch']} of {r['budget']}" if r.get("best_epoch") else "–"
+    val = list(r.get("val_mean_dice") or [])
+    scored = [i for i, v in enumerate(val) if v == v]  # NaN: a round without a validation score
+    if not scored:
+        return "–"
+    # the sites validate the global model they receive: entry i scores the model after i aggregations
+    best = max(scored, key=val.__getitem__)
+    return f"after round {best} of {r['budget'] // r['local_epochs']}"
+
+
 def table(results: list[dict[str, Any]]) -> list[str]:
     central = {(r["budget"], r["seed"]): r["dice"] for r in results if r["method"] == "centralized"}
     lines = [
         "| passes | method | rounds × local epochs | seed | test mean Dice | Δ vs centralized | goal (≥ −0.01) "
-        "| FedAvg final model | train + score (s) |",
-        "|---:|---|---|---:|---:|---:|---|---:|---:|",
+        "| FedAvg final model | chosen at | train + score (s) |",
+        "|---:|---|---|---:|---:|---:|---|---:|---|---:|",
     ]
     for r in sorted(
         results, key=lambda r: (r["budget"], r["seed"], r["method"] != "centralized", r["local_epochs"] or 0)
@@ -126,7 +158,7 @@ def table(results: list[dict[str, Any]]) -> list[str]:
         final = f"{r['dice_final']:.4f}" if fed else "–"
         lines.append(
             f"| {r['budget']} | {'FedAvg' if fed else 'centralized'} | {split} | {r['seed']} | {r['dice']:.4f} | "
-            f"{delta:+.4f} | {goal} | {final} | {r['seconds']:.0f} |"
+            f"{delta:+.4f} | {goal} | {final} | {chosen_at(r)} | {r['seconds']:.0f} |"
         )
     return lines
 
@@ -147,6 +179,12 @@ def main() -> None:
         choices=["local", "nvflare"],
         default="local",
         help="FedAvg through the job's site code in one process (local) or the real job in NVFlare's simulator",
+    )
+    ap.add_argument(
+        "--extend",
+        action="store_true",
+        help="keep the results already in --out's .json (same --cases/--size/--fedavg-via) and run only what is "
+        "missing: add budgets or seeds to a table without re-running it",
     )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -170,11 +208,14 @@ def main() -> None:
         [int(s) for s in args.seeds.split(",")],
         via=args.fedavg_via,
     )
+    previous = load_previous(args) if args.extend else []
+    done = {_key(r) for r in previous}
+    runs = [r for r in runs if _key(r) not in done]
     splits = bench_fl.site_splits(data_root)
     counts = f"{len(splits[0].train)} train / {len(splits[0].val)} validation / {len(splits[0].test)} test"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     started = time.perf_counter()
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = list(previous)
     pending = list(runs)
     active: list[tuple[dict[str, Any], subprocess.Popen]] = []
     while pending or active:
@@ -186,16 +227,19 @@ def main() -> None:
         out, _ = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"training {run} failed (exit {proc.returncode})")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        r = results[-1]
+        r = json.loads(out.strip().splitlines()[-1])
+        r["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        results.append(r)
         print(f"[bench_fl_schedule] {r['method']} {r['budget']} passes le={r['local_epochs']}: {r['dice']:.4f}")
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# FedAvg vs centralized by training budget (synthetic 3-site federation)",
         "",
         f"{now}, {device}, torch {torch.__version__}, {args.parallel} training(s) at once; "
-        f"{args.size}³ volumes, {args.cases} cases per site ({counts} at site-1); whole run "
-        f"{(time.perf_counter() - started) / 60:.1f} min. Test mean Dice over the 7 tissues on the "
+        f"{args.size}³ volumes, {args.cases} cases per site ({counts} at site-1); "
+        + (f"{len(previous)} trainings kept from earlier runs (--extend), " if previous else "")
+        + f"this run {len(runs)} trainings in {(time.perf_counter() - started) / 60:.1f} min. "
+        "Test mean Dice over the 7 tissues on the "
         f"{sum(len(s.test) for s in splits)} held-out cases "
         "of all sites; models chosen on validation Dice. "
         + (
