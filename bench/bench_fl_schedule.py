@@ -17,7 +17,12 @@ too.
     python bench/bench_fl_schedule.py                    # CPU: hours (9 trainings); on a GPU: minutes
     python bench/bench_fl_schedule.py --budgets 60 --local-epochs 2 --parallel 1
     python bench/bench_fl_schedule.py --budgets 240 --local-epochs 6 --fedavg-via nvflare \
-        --out bench/results/fl_schedule_nvflare.md   # the NVFlare job itself: ~1 h on 2 CPU cores
+        --out bench/results/fl_schedule_nvflare.md   # the NVFlare job itself: ~20 min on 2 CPU cores
+    python bench/bench_fl_schedule.py --budgets 480 --local-epochs 6 --fedavg-via nvflare --extend \
+        --out bench/results/fl_schedule_nvflare.md   # add a budget (or --seeds) to that table, keep its rows
+
+The "chosen at" column says where validation picked each model: a model picked at the last check was still
+improving, so that budget compares under-trained models.
 
 Writes bench/results/fl_schedule.md (+ .json). Goal (issue 3): FedAvg ≥ centralized − 0.01.
 """
