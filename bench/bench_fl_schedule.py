@@ -119,6 +119,11 @@ def load_previous(args: argparse.Namespace) -> list[dict[str, Any]]:
     return list(old["results"])
 
 
+def _previous_notes(args: argparse.Namespace) -> list[str]:
+    path = args.out.with_suffix(".json")
+    return list(json.loads(path.read_text()).get("notes", [])) if path.is_file() else []
+
+
 def plan(budgets: list[int], local_epochs: list[int], seeds: list[int], *, via: str = "local") -> list[dict[str, Any]]:
     runs = []
     for seed in seeds:
@@ -191,6 +196,12 @@ def main() -> None:
         help="keep the results already in --out's .json (same --cases/--size/--fedavg-via) and run only what is "
         "missing: add budgets or seeds to a table without re-running it",
     )
+    ap.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line for the table's notes (e.g. what else ran on the machine); --extend keeps earlier notes",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     bench_fl._setup_environment()
@@ -214,6 +225,7 @@ def main() -> None:
         via=args.fedavg_via,
     )
     previous = load_previous(args) if args.extend else []
+    notes = (_previous_notes(args) if args.extend else []) + list(args.note)
     done = {_key(r) for r in previous}
     runs = [r for r in runs if _key(r) not in done]
     splits = bench_fl.site_splits(data_root)
@@ -257,13 +269,14 @@ def main() -> None:
         *table(results),
         "",
         f"Host: {platform.machine()}. Seconds are wall-clock with {args.parallel} trainings sharing the machine.",
+        *(f"Note: {n}" for n in notes),
     ]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(
-        json.dumps({"args": vars(args), "results": results}, default=str, indent=1)
+        json.dumps({"args": vars(args), "notes": notes, "results": results}, default=str, indent=1)
     )
 
 
