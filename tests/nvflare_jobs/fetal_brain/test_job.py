@@ -178,7 +178,7 @@ def test_a_site_policy_filter_in_the_job_also_checks_incoming_tasks(tmp_path: Pa
 
 def test_sites_ask_for_the_next_task_without_nvflares_two_second_pause(tmp_path: Path) -> None:
     cfg = json.loads(DEFAULT_CONFIG.read_text())
-    assert _read(export_job(cfg, tmp_path / "a"), "app_server")["server"] == {"task_request_interval": 0.5}
+    assert _read(export_job(cfg, tmp_path / "a"), "app_server")["server"] == {"task_request_interval": 0.1}
     cfg["server"]["task_request_interval_s"] = 2.0
     assert _read(export_job(cfg, tmp_path / "b"), "app_server")["server"] == {"task_request_interval": 2.0}
 
