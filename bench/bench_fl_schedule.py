@@ -46,56 +46,112 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import bench_fl  # noqa: E402
+from summary import fl_schedule_gap  # noqa: E402
 
 RESULTS = HERE / "results"
 
 
-def train_one(run: dict[str, Any], data_root: Path) -> dict[str, Any]:
-    """One training (``run['method']`` = centralized or fedavg) at ``run['budget']`` passes; test Dice."""
+def run_name(run: dict[str, Any]) -> str:
+    """Folder / file stem of one training in the work directory (also the NVFlare job's name)."""
+    if run["method"] == "centralized":
+        return f"centralized_{run['budget']}_{run['seed']}"
+    return f"fedavg_{run['budget']}_{run['local_epochs']}_{run['seed']}"
+
+
+def model_path(run: dict[str, Any], work: Path, kind: str = "best") -> Path:
+    """Where a training's chosen (``best``) or last (``final``) model is kept, in the bundle checkpoint format."""
+    return work / "models" / f"{run_name(run)}_{kind}.pt"
+
+
+def load_model(run: dict[str, Any], work: Path, kind: str = "best") -> Any | None:
+    """The kept network of a training, or None when it was not kept (results from before models were kept;
+    NVFlare runs fall back to the checkpoints their server wrote)."""
     import torch
 
-    from fetalseg.bundle import Bundle, load_checkpoint
+    from fetalseg.bundle import load_checkpoint
+    from nvflare_jobs.fetal_brain.model import FetalBrainNet
+
+    net = FetalBrainNet({}, init_seed=None)
+    path = model_path(run, work, kind)
+    if path.is_file():
+        load_checkpoint(net.net, path)
+        return net.net
+    if run.get("via") != "nvflare":
+        return None
+    run_dir = work / "nvflare" / run_name(run) / run_name(run)  # what bench_fl.run_fl returns as "run"
+    app = run_dir / "server" / "simulate_job" / "app_server"
+    if kind == "best" and app.is_dir():
+        load_checkpoint(net.net, bench_fl.best_checkpoint(run_dir))
+        return net.net
+    if kind == "final" and (app / "FL_global_model.pt").is_file():
+        state = torch.load(app / "FL_global_model.pt", weights_only=False)["model"]
+        net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        return net.net
+    return None
+
+
+def case_dice(network: Any, cases: list) -> list[float]:
+    """Mean Dice over the 7 tissues of each case (kept per case so that test sets can be pooled exactly)."""
+    from fetalseg.bundle import Bundle
+    from fetalseg.evaluation import evaluate_cases
+
+    return [float(s.mean_dice) for s in evaluate_cases(network, cases, bundle=Bundle("common"), with_hd95=False)]
+
+
+def train_one(run: dict[str, Any], data_root: Path) -> dict[str, Any]:
+    """One training (``run['method']`` = centralized or fedavg) at ``run['budget']`` passes; test Dice.
+
+    The chosen and final models are kept under ``<work>/models`` so that they can be scored again later on more
+    held-out cases (``--extra-test``) without training again."""
+    import torch
+
+    from fetalseg.bundle import Bundle, load_checkpoint, save_checkpoint
+    from fetalseg.metrics import nanmean
     from fetalseg.training import fit
     from nvflare_jobs.fetal_brain.model import FetalBrainNet
 
     if run.get("threads"):
         torch.set_num_threads(int(run["threads"]))
+    work = data_root.parent
     splits = bench_fl.site_splits(data_root)
     test = [c for s in splits for c in s.test]
     start = time.perf_counter()
     out = dict(run)
+    final = None
     if run["method"] == "centralized":
         train = [c for s in splits for c in s.train]
         val = [c for s in splits for c in s.val]
         net = FetalBrainNet({}, init_seed=0).net  # the same initial weights as the federated jobs
-        model, result = fit(
+        best, result = fit(
             Bundle("train"), train, val, max_epochs=run["budget"], val_interval=10, network=net, seed=run["seed"]
         )
-        out["dice"] = bench_fl.score(model, test, {})
         out["best_epoch"] = result.best_epoch
     elif run.get("via") == "nvflare":
         args = argparse.Namespace(rounds=run["budget"] // run["local_epochs"], local_epochs=run["local_epochs"])
         args.overrides = {}
         training = {"local_epochs": run["local_epochs"], "seed": run["seed"]}
-        name = f"fedavg_{run['budget']}_{run['local_epochs']}_{run['seed']}"
-        fl = bench_fl.run_fl(args, data_root, data_root.parent / "nvflare", name, training=training)
-        best = bench_fl.best_checkpoint(fl["run"])
+        fl = bench_fl.run_fl(args, data_root, work / "nvflare", run_name(run), training=training)
         net = FetalBrainNet({}, init_seed=None)
-        load_checkpoint(net.net, best)
-        out["dice"] = bench_fl.score(net.net, test, {})
-        out["dice_final"] = bench_fl.score(fl["model"].net, test, {})
+        load_checkpoint(net.net, bench_fl.best_checkpoint(fl["run"]))
+        best, final = net.net, fl["model"].net
         out["val_mean_dice"] = fl["val_mean_dice"]
         out["nvflare_wall_s"] = fl["wall_s"]
     else:
         args = argparse.Namespace(rounds=run["budget"] // run["local_epochs"], local_epochs=run["local_epochs"])
         args.overrides = {}
         local = bench_fl.run_local(args, data_root, training={"local_epochs": run["local_epochs"], "seed": run["seed"]})
-        net = FetalBrainNet({}, init_seed=0)
-        net.load_state_dict(local["best_state"])
-        out["dice"] = bench_fl.score(net.net, test, {})
-        net.load_state_dict(local["global_state"])
-        out["dice_final"] = bench_fl.score(net.net, test, {})
+        best_net, final_net = FetalBrainNet({}, init_seed=0), FetalBrainNet({}, init_seed=0)
+        best_net.load_state_dict(local["best_state"])
+        final_net.load_state_dict(local["global_state"])
+        best, final = best_net.net, final_net.net
         out["val_mean_dice"] = local["val_mean_dice"]
+    out["dice_cases"] = case_dice(best, test)
+    out["dice"] = nanmean(out["dice_cases"])
+    save_checkpoint(best, model_path(run, work, "best"), passes=run["budget"], seed=run["seed"])
+    if final is not None:
+        out["dice_final_cases"] = case_dice(final, test)
+        out["dice_final"] = nanmean(out["dice_final_cases"])
+        save_checkpoint(final, model_path(run, work, "final"), passes=run["budget"], seed=run["seed"])
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -137,6 +193,20 @@ def plan(budgets: list[int], local_epochs: list[int], seeds: list[int], *, via: 
     return runs
 
 
+def select_runs(
+    planned: list[dict[str, Any]], previous: list[dict[str, Any]], *, redo: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[tuple, dict[str, Any]]]:
+    """(trainings to run, earlier results to keep, earlier results being redone by key).
+
+    Planned trainings already in the table are skipped, unless ``redo`` names their method (or is "all"): then
+    they run again and their old rows are kept aside, so the new Dice can be compared with the old one."""
+    done = {_key(r) for r in previous}
+    again = {_key(r) for r in planned if redo in ("all", r["method"])}
+    redone = {_key(r): r for r in previous if _key(r) in again}
+    kept = [r for r in previous if _key(r) not in again]
+    return [r for r in planned if _key(r) in again or _key(r) not in done], kept, redone
+
+
 def chosen_at(r: dict[str, Any]) -> str:
     """Where validation chose the model: at the last check means the run was still improving (under-trained)."""
     if r["method"] == "centralized":
@@ -151,26 +221,73 @@ def chosen_at(r: dict[str, Any]) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> list[str]:
-    central = {(r["budget"], r["seed"]): r["dice"] for r in results if r["method"] == "centralized"}
-    lines = [
-        "| passes | method | rounds × local epochs | seed | test mean Dice | Δ vs centralized | goal (≥ −0.01) "
-        "| FedAvg final model | chosen at | train + score (s) |",
-        "|---:|---|---|---:|---:|---:|---|---:|---|---:|",
-    ]
+    central = {(r["budget"], r["seed"]): r for r in results if r["method"] == "centralized"}
+    pooled = any(r.get("dice_heldout") is not None for r in results)
+    n_heldout = max((r.get("n_heldout", 0) for r in results), default=0)
+    head = "| passes | method | rounds × local epochs | seed | test mean Dice | Δ vs centralized "
+    rule = "|---:|---|---|---:|---:|---:|"
+    if pooled:
+        head += f"| all held-out ({n_heldout} cases) | Δ vs centralized "
+        rule += "---:|---:|"
+    head += "| goal (≥ −0.01) | FedAvg final model | chosen at | train + score (s) |"
+    lines = [head, rule + "---|---:|---|---:|"]
+
+    def cell(value: float | None, fmt: str = ".4f") -> str:
+        return "–" if value is None or value != value else format(value, fmt)
+
     for r in sorted(
         results, key=lambda r: (r["budget"], r["seed"], r["method"] != "centralized", r["local_epochs"] or 0)
     ):
         ref = central.get((r["budget"], r["seed"]))
         fed = r["method"] == "fedavg"
-        delta = r["dice"] - ref if ref is not None else float("nan")
         split = f"{r['budget'] // r['local_epochs']} × {r['local_epochs']}" if fed else f"{r['budget']} epochs"
-        goal = ("met" if delta >= -0.01 else "not met") if fed and ref is not None else "–"
-        final = f"{r['dice_final']:.4f}" if fed else "–"
-        lines.append(
-            f"| {r['budget']} | {'FedAvg' if fed else 'centralized'} | {split} | {r['seed']} | {r['dice']:.4f} | "
-            f"{delta:+.4f} | {goal} | {final} | {chosen_at(r)} | {r['seconds']:.0f} |"
-        )
+        delta = r["dice"] - ref["dice"] if ref is not None else None
+        row = f"| {r['budget']} | {'FedAvg' if fed else 'centralized'} | {split} | {r['seed']} | {r['dice']:.4f} | "
+        row += f"{cell(delta, '+.4f')} | "
+        if pooled:
+            held = r.get("dice_heldout")
+            held_delta = held - ref["dice_heldout"] if held is not None and ref and ref.get("dice_heldout") else None
+            row += f"{cell(held)} | {cell(held_delta, '+.4f')} | "
+        goal = "–"
+        if fed and ref is not None:
+            gap, on = fl_schedule_gap(r, ref)
+            goal = ("met" if gap >= -0.01 else "not met") + (f" ({on})" if pooled else "")
+        final = r.get("dice_final_heldout" if pooled else "dice_final", r.get("dice_final")) if fed else None
+        row += f"{goal} | {cell(final)} | {chosen_at(r)} | {r['seconds']:.0f} |"
+        lines.append(row)
     return lines
+
+
+def score_heldout(results: list[dict[str, Any]], work: Path, test: list, extra: list) -> list[str]:
+    """Score every kept model on the extra held-out cases (once per model) and pool them with the split's test
+    cases into ``dice_heldout``. A model whose test cases were not kept per case is scored on them again first,
+    and must give the Dice in the table: the kept file is then the model that was measured. Returns the names of
+    trainings whose model was not kept (left unscored)."""
+    from fetalseg.metrics import nanmean
+
+    missing = []
+    for r in results:
+        if r.get("n_extra") == len(extra):
+            continue
+        for kind, key in (("best", "dice"), ("final", "dice_final")):
+            if kind == "final" and r["method"] != "fedavg":
+                continue
+            net = load_model(r, work, kind)
+            if net is None:
+                missing.append(f"{run_name(r)} ({kind})")
+                continue
+            if not r.get(f"{key}_cases"):
+                r[f"{key}_cases"] = case_dice(net, test)
+                if abs(nanmean(r[f"{key}_cases"]) - r[key]) > 5e-5:
+                    raise RuntimeError(
+                        f"{run_name(r)}: the kept {kind} model scores {nanmean(r[f'{key}_cases']):.4f} on the test "
+                        f"cases, the table says {r[key]:.4f}: it is not the model that was measured"
+                    )
+            r[f"{key}_extra_cases"] = case_dice(net, extra)
+            r[f"{key}_heldout"] = nanmean(r[f"{key}_cases"] + r[f"{key}_extra_cases"])
+        if r.get("dice_heldout") is not None:
+            r["n_extra"], r["n_heldout"] = len(extra), len(test) + len(extra)
+    return missing
 
 
 def main() -> None:
@@ -202,6 +319,28 @@ def main() -> None:
         default=[],
         help="a line for the table's notes (e.g. what else ran on the machine); --extend keeps earlier notes",
     )
+    ap.add_argument(
+        "--extra-test",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score every kept model on N more held-out subjects per site (same synthetic sites, never in the "
+        "federation: fetalseg.data.federation.write_more_cases); the goal is then judged on all held-out cases",
+    )
+    ap.add_argument(
+        "--redo",
+        choices=["centralized", "fedavg", "all"],
+        help="with --extend: train the planned runs of this method again even if the table has them (their rows "
+        "are replaced and a note says whether the test Dice was reproduced), e.g. to keep the models of runs from "
+        "before models were kept",
+    )
+    ap.add_argument(
+        "--drop-note",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="with --extend: drop the earlier notes that contain TEXT (e.g. one about a row --redo replaces)",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     bench_fl._setup_environment()
@@ -213,11 +352,18 @@ def main() -> None:
 
     import torch
 
-    from fetalseg.data.federation import write_federation
+    from fetalseg.data.federation import write_federation, write_more_cases
+    from fetalseg.data.loaders import load_dataset
 
     if not data_root.exists():
         edge = args.size
         write_federation(data_root, n_sites=3, cases_per_site=args.cases, shape=(edge, edge, edge), seed=0)
+    extra: list = []
+    if args.extra_test:
+        extra_root = work / f"extra_test_{args.extra_test}"
+        if not extra_root.exists():
+            write_more_cases(data_root, extra_root, n_cases=args.extra_test)
+        extra = [c for site in bench_fl.SITES for c in load_dataset(extra_root / site, site=site)]
     runs = plan(
         [int(b) for b in args.budgets.split(",")],
         [int(e) for e in args.local_epochs.split(",")],
@@ -225,9 +371,9 @@ def main() -> None:
         via=args.fedavg_via,
     )
     previous = load_previous(args) if args.extend else []
-    notes = (_previous_notes(args) if args.extend else []) + list(args.note)
-    done = {_key(r) for r in previous}
-    runs = [r for r in runs if _key(r) not in done]
+    earlier = _previous_notes(args) if args.extend else []
+    notes = [n for n in earlier if not any(text in n for text in args.drop_note)] + list(args.note)
+    runs, previous, redone = select_runs(runs, previous, redo=args.redo)
     splits = bench_fl.site_splits(data_root)
     counts = f"{len(splits[0].train)} train / {len(splits[0].val)} validation / {len(splits[0].test)} test"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -246,8 +392,22 @@ def main() -> None:
             raise RuntimeError(f"training {run} failed (exit {proc.returncode})")
         r = json.loads(out.strip().splitlines()[-1])
         r["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        old = redone.get(_key(r))
+        if old is not None:
+            r["previous_dice"] = old["dice"]
+            same = "reproduced" if abs(old["dice"] - r["dice"]) < 5e-5 else "NOT reproduced"
+            notes.append(
+                f"{run_name(r)} trained again (--redo, to keep its model): test Dice {old['dice']:.4f} before, "
+                f"{r['dice']:.4f} now ({same}); the table shows the new run"
+            )
         results.append(r)
         print(f"[bench_fl_schedule] {r['method']} {r['budget']} passes le={r['local_epochs']}: {r['dice']:.4f}")
+    test = [c for s in splits for c in s.test]
+    n_test = len(test)
+    if extra:
+        missing = score_heldout(results, work, test, extra)
+        if missing:
+            print(f"[bench_fl_schedule] no kept model (not scored on the extra cases): {', '.join(missing)}")
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# FedAvg vs centralized by training budget (synthetic 3-site federation)",
@@ -268,6 +428,18 @@ def main() -> None:
         "",
         *table(results),
         "",
+        *(
+            [
+                f"All held-out = the {n_test} test cases above + {len(extra)} more subjects "
+                f"({args.extra_test} per site) from the same synthetic sites, never in the federation "
+                "(`--extra-test`, `fetalseg.data.federation.write_more_cases`): never trained on nor used to "
+                "choose a model. When both models of a pair were scored on them, the goal is judged on all "
+                "held-out cases; a row without them had no kept model.",
+                "",
+            ]
+            if extra
+            else []
+        ),
         f"Host: {platform.machine()}. Seconds are wall-clock with {args.parallel} trainings sharing the machine.",
         *(f"Note: {n}" for n in notes),
     ]

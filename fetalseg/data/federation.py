@@ -239,3 +239,43 @@ def write_federation(
     _write_json(tmp, summary)
     os.replace(tmp, summary_path)
     return site_dirs
+
+
+def write_more_cases(
+    federation_dir: Path,
+    out_dir: Path,
+    *,
+    n_cases: int,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``n_cases`` NEW subjects per site of an existing federation to ``out_dir/<site folder>``.
+
+    Why: a held-out set larger than the federation's own test split, from the same sites (same profile, seed,
+    shape and field of view, read from ``federation.json``) but never part of the federation, so no training or
+    model selection can have seen it. Subjects are numbered after the federation's (``cases_per_site + 1`` on);
+    since a subject depends only on (site seed, number), they are exactly the subjects a larger federation would
+    have had.
+    """
+    federation_dir, out_dir = Path(federation_dir), Path(out_dir)
+    summary = json.loads((federation_dir / FEDERATION_FILE).read_text())
+    sites = summary["sites"]
+    targets = [out_dir / s["folder"] for s in sites]
+    if out_dir.resolve() == federation_dir.resolve():
+        raise ValueError("write_more_cases writes to a separate folder, not into the federation itself")
+    for d in targets:
+        _check_target(d, overwrite=overwrite)
+    shape = tuple(int(x) for x in summary["shape"])
+    for site, target in zip(sites, targets):
+        write_site(
+            target,
+            SiteProfile.from_dict(site["profile"]),
+            n_cases=n_cases,
+            shape=shape,  # type: ignore[arg-type]
+            seed=int(site["seed"]),
+            first_subject=int(site["n_cases"]) + 1,
+            fov_mm=float(summary["fov_mm"]),
+            progress=progress,
+            overwrite=overwrite,
+        )
+    return targets

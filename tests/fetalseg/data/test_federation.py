@@ -194,3 +194,22 @@ def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="n_sites"):
         write_federation(tmp_path, n_sites=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_more_cases_are_the_subjects_a_larger_federation_would_have(tmp_path: Path) -> None:
+    small = write_federation(tmp_path / "small", n_sites=2, cases_per_site=1, shape=(24, 24, 24), seed=5)
+    large = write_federation(tmp_path / "large", n_sites=2, cases_per_site=3, shape=(24, 24, 24), seed=5)
+    more = fed.write_more_cases(tmp_path / "small", tmp_path / "more", n_cases=2)
+    assert [p.name for p in more] == [p.name for p in small]
+    for site_more, site_large, profile in zip(more, large, _profiles(large)):
+        assert sorted(p.name for p in site_more.glob("sub-*")) == ["sub-002", "sub-003"]
+        for subject in ("sub-002", "sub-003"):
+            for x, y in zip(
+                case_paths(site_more, subject, profile.rec_method), case_paths(site_large, subject, profile.rec_method)
+            ):
+                np.testing.assert_array_equal(nib.load(str(x)).dataobj, nib.load(str(y)).dataobj)
+        assert _participants(site_more) == _participants(site_large)[1:]
+    with pytest.raises(FileExistsError):  # never silently replaced
+        fed.write_more_cases(tmp_path / "small", tmp_path / "more", n_cases=1)
+    with pytest.raises(ValueError, match="separate folder"):
+        fed.write_more_cases(tmp_path / "small", tmp_path / "small", n_cases=1)
