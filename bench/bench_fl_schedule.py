@@ -21,6 +21,15 @@ too.
     python bench/bench_fl_schedule.py --budgets 480 --local-epochs 6 --fedavg-via nvflare --extend \
         --out bench/results/fl_schedule_nvflare.md   # add a budget (or --seeds) to that table, keep its rows
 
+Every training keeps its chosen (and FedAvg's final) model under ``<work>/models``. ``--extra-test N`` scores every
+kept model on N more subjects per site from the same synthetic sites (``write_more_cases``: never in the
+federation, so never trained on or used for selection); 6 test cases make Dice differences of ~0.005 noise, so the
+goal is then judged on all held-out cases. ``--redo centralized`` trains rows again that were measured before
+models were kept (a note says whether the Dice was reproduced):
+
+    python bench/bench_fl_schedule.py --budgets 480 --local-epochs 6 --seeds 0,1,2 --fedavg-via nvflare --extend \
+        --extra-test 20 --out bench/results/fl_schedule_nvflare.md --work <the work folder of those runs>
+
 The "chosen at" column says where validation picked each model: a model picked at the last check was still
 improving, so that budget compares under-trained models.
 
@@ -229,7 +238,9 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     if pooled:
         head += f"| all held-out ({n_heldout} cases) | Δ vs centralized "
         rule += "---:|---:|"
-    head += "| goal (≥ −0.01) | FedAvg final model | chosen at | train + score (s) |"
+    head += (
+        f"| goal (≥ −0.01) | FedAvg final model{' (all held-out)' if pooled else ''} | chosen at | train + score (s) |"
+    )
     lines = [head, rule + "---|---:|---|---:|"]
 
     def cell(value: float | None, fmt: str = ".4f") -> str:
@@ -252,8 +263,11 @@ def table(results: list[dict[str, Any]]) -> list[str]:
         if fed and ref is not None:
             gap, on = fl_schedule_gap(r, ref)
             goal = ("met" if gap >= -0.01 else "not met") + (f" ({on})" if pooled else "")
-        final = r.get("dice_final_heldout" if pooled else "dice_final", r.get("dice_final")) if fed else None
-        row += f"{goal} | {cell(final)} | {chosen_at(r)} | {r['seconds']:.0f} |"
+        final = cell(r.get("dice_final")) if fed else "–"
+        if fed and pooled:  # the final model on all held-out cases; a row without them says its cases
+            held_final = r.get("dice_final_heldout")
+            final = cell(held_final) if held_final is not None else f"{final} (test cases)"
+        row += f"{goal} | {final} | {chosen_at(r)} | {r['seconds']:.0f} |"
         lines.append(row)
     return lines
 
@@ -377,8 +391,67 @@ def main() -> None:
     splits = bench_fl.site_splits(data_root)
     counts = f"{len(splits[0].train)} train / {len(splits[0].val)} validation / {len(splits[0].test)} test"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    test = [c for s in splits for c in s.test]
+    n_test = len(test)
     started = time.perf_counter()
     results: list[dict[str, Any]] = list(previous)
+
+    def save(finished: int) -> None:
+        # rows being redone keep their old result until the new one is in: an interrupted --redo loses nothing
+        new = {_key(r) for r in results}
+        rows = results + [old for key, old in redone.items() if key not in new]
+        if extra:
+            missing = score_heldout(rows, work, test, extra)
+            if missing:
+                print(f"[bench_fl_schedule] no kept model (not scored on the extra cases): {', '.join(missing)}")
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        progress = f"{finished} of {len(runs)}" if finished < len(runs) else f"{len(runs)}"
+        lines = [
+            "# FedAvg vs centralized by training budget (synthetic 3-site federation)",
+            "",
+            f"{now}, {device}, torch {torch.__version__}, {args.parallel} training(s) at once; "
+            f"{args.size}³ volumes, {args.cases} cases per site ({counts} at site-1); "
+            + (f"{len(previous)} trainings kept from earlier runs (--extend), " if previous else "")
+            + (
+                f"this run {progress} trainings in {(time.perf_counter() - started) / 60:.1f} min. "
+                if runs
+                else "this run trained nothing (table re-rendered from the kept results). "
+            )
+            + f"Test mean Dice over the 7 tissues on the {n_test} held-out cases "
+            "of all sites; models chosen on validation Dice. "
+            + (
+                "FedAvg = the real NVFlare job in the simulator (`bench_fl.run_fl`; its best global model, "
+                "`fetal_brain_best.pt`, chosen by the job's server on validation Dice)."
+                if args.fedavg_via == "nvflare"
+                else "FedAvg = the job's site code and weighted average without NVFlare (`bench_fl.run_local`)."
+            ),
+            "",
+            *table(rows),
+            "",
+            *(
+                [
+                    f"All held-out = the {n_test} test cases above + {len(extra)} more subjects "
+                    f"({args.extra_test} per site) from the same synthetic sites, never in the federation "
+                    "(`--extra-test`, `fetalseg.data.federation.write_more_cases`): never trained on nor used to "
+                    "choose a model. When both models of a pair were scored on them, the goal is judged on all "
+                    "held-out cases; a row without them had no kept model.",
+                    "",
+                ]
+                if extra
+                else []
+            ),
+            f"Host: {platform.machine()}. Seconds are wall-clock with {args.parallel} trainings sharing the machine.",
+            *(f"Note: {n}" for n in notes),
+        ]
+        text = "\n".join(lines) + "\n"
+        print(text)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"args": vars(args), "notes": notes, "results": rows}, default=str, indent=1)
+        )
+
+    finished = 0
     pending = list(runs)
     active: list[tuple[dict[str, Any], subprocess.Popen]] = []
     while pending or active:
@@ -402,54 +475,10 @@ def main() -> None:
             )
         results.append(r)
         print(f"[bench_fl_schedule] {r['method']} {r['budget']} passes le={r['local_epochs']}: {r['dice']:.4f}")
-    test = [c for s in splits for c in s.test]
-    n_test = len(test)
-    if extra:
-        missing = score_heldout(results, work, test, extra)
-        if missing:
-            print(f"[bench_fl_schedule] no kept model (not scored on the extra cases): {', '.join(missing)}")
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        "# FedAvg vs centralized by training budget (synthetic 3-site federation)",
-        "",
-        f"{now}, {device}, torch {torch.__version__}, {args.parallel} training(s) at once; "
-        f"{args.size}³ volumes, {args.cases} cases per site ({counts} at site-1); "
-        + (f"{len(previous)} trainings kept from earlier runs (--extend), " if previous else "")
-        + f"this run {len(runs)} trainings in {(time.perf_counter() - started) / 60:.1f} min. "
-        "Test mean Dice over the 7 tissues on the "
-        f"{sum(len(s.test) for s in splits)} held-out cases "
-        "of all sites; models chosen on validation Dice. "
-        + (
-            "FedAvg = the real NVFlare job in the simulator (`bench_fl.run_fl`; its best global model, "
-            "`fetal_brain_best.pt`, chosen by the job's server on validation Dice)."
-            if args.fedavg_via == "nvflare"
-            else "FedAvg = the job's site code and weighted average without NVFlare (`bench_fl.run_local`)."
-        ),
-        "",
-        *table(results),
-        "",
-        *(
-            [
-                f"All held-out = the {n_test} test cases above + {len(extra)} more subjects "
-                f"({args.extra_test} per site) from the same synthetic sites, never in the federation "
-                "(`--extra-test`, `fetalseg.data.federation.write_more_cases`): never trained on nor used to "
-                "choose a model. When both models of a pair were scored on them, the goal is judged on all "
-                "held-out cases; a row without them had no kept model.",
-                "",
-            ]
-            if extra
-            else []
-        ),
-        f"Host: {platform.machine()}. Seconds are wall-clock with {args.parallel} trainings sharing the machine.",
-        *(f"Note: {n}" for n in notes),
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"args": vars(args), "notes": notes, "results": results}, default=str, indent=1)
-    )
+        finished += 1
+        save(finished)  # after every training: an interrupted run keeps what it measured (resume with --extend)
+    if not runs:
+        save(0)
 
 
 if __name__ == "__main__":

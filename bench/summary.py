@@ -181,7 +181,8 @@ def fl_schedule(d: dict[str, Any], name: str = "fl_schedule") -> list[Row]:
                 name,
                 f"FedAvg − centralized at {budget} passes, best split {budget // le} rounds × {le} local epochs "
                 f"({len(gaps)} seed(s); Dice on {' / '.join(on)})",
-                ", ".join(f"{g:+.3f}" for g, _ in gaps),
+                ", ".join(f"{g:+.4f}" for g, _ in gaps)
+                + (f" (mean {statistics.mean(g for g, _ in gaps):+.4f})" if len(gaps) > 1 else ""),
                 "≥ −0.01 every seed",
                 _verdict(worst >= -0.01),
             )
