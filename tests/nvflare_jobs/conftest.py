@@ -69,3 +69,29 @@ def fl_env() -> Iterator[dict[str, str]]:
         for var in ("FETALFL_SITE_DATA", "FETALFL_DATA_ROOT", "FETALFL_PRIVACY_LEDGER", "FETALFL_SITE_STATE"):
             mp.delenv(var, raising=False)
         yield {"PATH": path, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
+
+
+def check_downloaded_job(result: Path, job_id: str, *, rounds: int) -> dict[str, Any]:
+    """What ``nvflare job download`` brought back holds the job's best model in the bundle's format (finite, with
+    its provenance) and the cross-site evaluation of every site; return the checkpoint's provenance."""
+    import json
+
+    import torch
+
+    from fetalseg.bundle import Bundle, load_checkpoint
+    from nvflare_jobs.checkpoint import BEST_CHECKPOINT_NAME
+
+    (checkpoint,) = result.rglob(BEST_CHECKPOINT_NAME)
+    net = Bundle("common", overrides=TINY_OVERRIDES).network()
+    info = load_checkpoint(net, checkpoint)
+    assert info["origin"] == "nvflare" and info["job_id"] == job_id and info["round"] == rounds
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values())
+    (cse,) = result.rglob("cross_val_results.json")
+    assert sorted(json.loads(cse.read_text())) == SITES
+    return info
+
+
+@pytest.fixture(scope="session")
+def downloaded_job():
+    """``downloaded_job(result_folder, job_id, rounds=N)``: :func:`check_downloaded_job`."""
+    return check_downloaded_job
