@@ -140,12 +140,26 @@ def variants(root: str | Path | None = None) -> list[str]:
 
 def load_checkpoint(network: torch.nn.Module, path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
     """Load weights saved by :func:`save_checkpoint` (or a bare state dict); return the checkpoint's extra info."""
-    ckpt = torch.load(Path(path), map_location=map_location, weights_only=False)
+    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)  # a file cannot run code here
     if isinstance(ckpt, Mapping) and "model" in ckpt and isinstance(ckpt["model"], Mapping):
-        network.load_state_dict(ckpt["model"])
+        load_weights(network, ckpt["model"])
         return {k: v for k, v in ckpt.items() if k != "model"}
-    network.load_state_dict(ckpt)  # a bare state dict, as MONAI's CheckpointSaver writes with save_dict={"model":..}
+    load_weights(network, ckpt)  # a bare state dict, as MONAI's CheckpointSaver writes with save_dict={"model":..}
     return {}
+
+
+def load_weights(network: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """``load_state_dict`` (strict), except that a model saved before the bundle's norm became affine (0.1.0) loads:
+    its missing instance-norm scale and shift keep their identity start, which computes exactly what it computed."""
+    from fetalseg.subspace import GROUPS
+
+    missing, unexpected = network.load_state_dict(dict(state), strict=False)
+    norm = set(GROUPS["norm"](network))
+    if unexpected or set(missing) - norm:
+        network.load_state_dict(dict(state), strict=True)  # raises with torch's own message
+    for name, value in network.named_parameters():
+        if name in missing:
+            torch.nn.init.ones_(value) if name.endswith("weight") else torch.nn.init.zeros_(value)
 
 
 def save_checkpoint(network: torch.nn.Module, path: str | Path, **info: Any) -> Path:

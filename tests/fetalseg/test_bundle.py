@@ -8,6 +8,7 @@ from opacus.validators import ModuleValidator
 
 from fetalseg.bundle import Bundle, load_checkpoint, save_checkpoint, variants
 from fetalseg.paths import bundle_dir
+from fetalseg.subspace import parameter_names
 
 
 def test_network_comes_from_the_bundle_and_is_opacus_compatible():
@@ -91,3 +92,31 @@ def test_monai_bundle_run_inference(tmp_path, write_case):
     pred, src = read_volume(outputs[0]), read_volume(img)
     assert pred.array.shape == src.array.shape
     assert set(pred.array.ravel().tolist()) <= set(range(8))
+
+
+def test_model_saved_before_affine_norm_loads_unchanged(tmp_path):
+    """Bundle 0.2.0 made the instance norm affine: a 0.1.0 checkpoint (no norm scale/shift) still loads, with the
+    identity scale and shift, so it computes what it computed; any other missing or extra key is still an error."""
+    bundle = Bundle("train", variant="tiny")
+    torch.manual_seed(0)
+    net = bundle.network()
+    norm = set(parameter_names(net, "norm"))
+    assert norm
+    old = {k: v for k, v in net.state_dict().items() if k not in norm}
+    torch.save({"model": old, "origin": "0.1.0"}, tmp_path / "old.pt")
+    fresh = bundle.network()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)  # nothing of the fresh network may survive the load
+    assert load_checkpoint(fresh, tmp_path / "old.pt") == {"origin": "0.1.0"}
+    for name, p in fresh.named_parameters():
+        if name in norm:
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
+    torch.save({"model": {**old, "extra.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(RuntimeError, match=r"extra\.weight"):
+        load_checkpoint(fresh, tmp_path / "bad.pt")
+    broken = dict(old)
+    broken.pop(next(k for k in old if k.endswith("conv.weight")))
+    torch.save({"model": broken}, tmp_path / "broken.pt")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_checkpoint(fresh, tmp_path / "broken.pt")
