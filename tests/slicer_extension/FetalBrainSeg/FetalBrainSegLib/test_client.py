@@ -11,7 +11,6 @@ import json
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -195,12 +194,11 @@ def test_connection_dropped_mid_request_is_connection_lost(tiny):
 
 
 def test_a_server_that_does_not_answer_times_out(tiny):
-    tiny.respond = lambda seen, h: h.release.wait(10)  # type: ignore[attr-defined]
+    # the server holds its answer for 30 s: a client without a working timeout gets it and raises nothing
+    tiny.respond = lambda seen, h: h.release.wait(30)  # type: ignore[attr-defined]
     client = MonaiLabelClient(tiny.url, timeout_s=0.5)
-    start = time.monotonic()
     with pytest.raises(ServerTimeoutError) as err:
         client.info()
-    assert time.monotonic() - start < 8
     assert "did not answer within 0.5 s when asked to read the server's model and labels" in str(err.value)
     assert "busy" in str(err.value)
     assert isinstance(err.value, ConnectionLostError) and is_retryable(err.value)
