@@ -174,6 +174,24 @@ def _check_legacy_val_fraction(data: Mapping[str, Any]) -> None:
         )
 
 
+def _check_trained_parameters(spec: Any) -> str:
+    """``training.trained_parameters``: the weights every site trains and sends (``fetalseg.subspace``), checked
+    here so a typo stops the job before any site trains."""
+    from fetalseg.subspace import PGRAD, validate_spec
+
+    try:
+        spec = validate_spec(spec)
+    except ValueError as e:
+        raise ConfigError(f"training.trained_parameters: {e}") from None
+    if spec.startswith(PGRAD):
+        # the basis file would have to travel to every site with the job; not wired yet: refuse, don't guess
+        raise ConfigError(
+            f"training.trained_parameters={spec!r}: pgrad needs its public gradient basis at every site, which a "
+            "job cannot ship yet (use it in bench/bench_subspace.py); choose a group spec or lora:<r>"
+        )
+    return spec
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """A validated job config; build it with :func:`load_config` or :meth:`JobConfig.from_dict`."""
@@ -208,6 +226,8 @@ class JobConfig:
     torch_threads: int | None
     init_seed: int | None
     initial_checkpoint: str | None = None
+    # what each site trains and sends (fetalseg.subspace spec: "all", "norm+bias+head", "lora:4", ...)
+    trained_parameters: str = "all"
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
@@ -270,7 +290,10 @@ class JobConfig:
         _check_legacy_val_fraction(data)
 
         training = d.get("training", {})
-        _check_keys("training", training, ["local_epochs", "max_steps_per_epoch", "batch_size", "seed"])
+        _check_keys(
+            "training", training, ["local_epochs", "max_steps_per_epoch", "batch_size", "seed", "trained_parameters"]
+        )
+        trained_parameters = _check_trained_parameters(training.get("trained_parameters", "all"))
         local_epochs = _int("training.local_epochs", training.get("local_epochs", 1), low=1)
         max_steps = training.get("max_steps_per_epoch")
         if max_steps is not None:
@@ -397,6 +420,7 @@ class JobConfig:
             torch_threads=threads,
             init_seed=init_seed,
             initial_checkpoint=initial_checkpoint,
+            trained_parameters=trained_parameters,
         )
 
     # ------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from fetalseg.data.loaders import Case
 from fetalseg.evaluation import evaluate_cases
 from fetalseg.labels import foreground_labels
 from fetalseg.metrics import nanmean
+from fetalseg.subspace import trainable_view
 from fetalseg.training import build_train_dataset, build_train_loader, train_epoch
 from nvflare_jobs.config import (
     CONFIG_FILE_NAME,
@@ -106,16 +107,26 @@ class SiteTrainer:
         torch.manual_seed(config.seed + zlib.crc32(site.encode()) % 10_000)
         self.bundle = Bundle("train", overrides=config.bundle_overrides)
         self.model = FetalBrainNet(config.bundle_overrides, init_seed=None).to(self.device)
-        self.optimizer = self.bundle.optimizer(self.model.parameters())
+        # only training.trained_parameters is trained and sent: a structural group trains the network itself
+        # (the rest frozen); lora:<r> trains an adapter module that weight_diff folds back into the bundle keys
+        self.view = trainable_view(self.model, config.trained_parameters, seed=config.seed)
+        self.trained_keys = list(self.view.names)
+        self.optimizer = self.bundle.optimizer(self.view.parameters())
         self.loss_fn = self.bundle.loss()
         dataset = build_train_dataset(self.bundle, self.train_cases)
         self.batch_size = int(config.batch_size or self.bundle.get("batch_size"))
         self.loader = build_train_loader(self.bundle, dataset=dataset, batch_size=self.batch_size)
-        self.train_model: torch.nn.Module = self.model  # the DP-wrapped module when DP-SGD is on
+        self.train_model: torch.nn.Module = self.view.module  # the DP-wrapped module when DP-SGD is on
         self.privacy_engine: Any = None
         self.ledger: Any = None
         self.dataset_id = f"{site}/{self.data_dir.name}"
         dp_settings = dp_settings_for(config, site)  # with the job's plan: the one the site's policy checked
+        if dp_settings is not None and self.view.module is not self.model:
+            # DP-SGD wraps self.model; an adapter module would train outside it: refuse rather than leak
+            raise DPSGDUnavailableError(
+                f"site {site}: DP-SGD with trained_parameters={config.trained_parameters!r} (an adapter) is not "
+                "supported yet; use a group spec such as 'norm+bias+head'"
+            )
         if dp_settings is not None:
             self._enable_dp_sgd(dp_settings, dataset_size=len(dataset))
 
@@ -231,9 +242,15 @@ class SiteTrainer:
         return total
 
     def weight_diff(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Local minus global weights (what leaves the site), computed on the unwrapped network."""
+        """Local minus global weights of the TRAINED keys only (what leaves the site), on the unwrapped network.
+
+        An adapter (lora) is first folded into the network's weights and reset to zero; untrained keys are not
+        sent (NVFlare's FedAvg adds a DIFF key by key, so the server keeps them as they are).
+        """
+        self.view.merge_back()
         local = self.model.state_dict()
-        return {k: (local[k].detach().cpu() - global_state[k]) for k in global_state}
+        keys = global_state if self.config.trained_parameters == "all" else self.trained_keys
+        return {k: (local[k].detach().cpu() - global_state[k]) for k in keys}
 
 
 def _config_path(name: str) -> Path:
