@@ -206,12 +206,18 @@ class PublicStart:
     seconds: float
 
 
-def pretrain_public(size: Size, out: Path, *, n_sites: int, seed: int, bundle: Any) -> PublicStart:
+def pretrain_public(
+    size: Size, out: Path, *, n_sites: int, seed: int, bundle: Any, domain_randomization: bool = True
+) -> PublicStart:
     """Write the public site (the federation's next site: its own acquisition profile) and train on it.
 
     Its training and held-out cases are all public, so both train; its validation cases pick the epoch. Nothing
-    of the federation's sites is used, and no privacy accounting applies (public data)."""
+    of the federation's sites is used, and no privacy accounting applies (public data). ``domain_randomization``
+    turns on the bundle's SynthSeg-style acquisition randomization (``train.json``) for this training only, so
+    the public model meets the sites' contrasts, blur and noise at no privacy cost (measured in
+    bench/results/public_pretraining.md)."""
     from fetalseg.baseline import load_sites
+    from fetalseg.bundle import Bundle
     from fetalseg.data.federation import site_seed, write_site
     from fetalseg.data.phantom import site_profiles
     from fetalseg.training import fit
@@ -224,10 +230,16 @@ def pretrain_public(size: Size, out: Path, *, n_sites: int, seed: int, bundle: A
     )  # fmt: skip
     (split,) = load_sites([site_dir], seed=seed)
     checkpoint = out / "public" / "model.pt"
+    if domain_randomization:
+        overrides = {**bundle.overrides, "domain_randomization": True}
+        bundle = Bundle("train", root=bundle.root, variant=bundle.variant, overrides=overrides)
     fit(
         bundle, [*split.train, *split.test], split.val or split.train, max_epochs=size.public_epochs,
         val_interval=max(1, size.public_epochs // 6), checkpoint=checkpoint, seed=seed,
-        checkpoint_info={"origin": "fetal-fl demo: public pretraining (non-private)", "trained_on": [profile.name]},
+        checkpoint_info={
+            "origin": "fetal-fl demo: public pretraining (non-private)", "trained_on": [profile.name],
+            "domain_randomization": bool(domain_randomization),
+        },
     )  # fmt: skip
     return PublicStart(profile.name, size.public_cases, size.public_epochs, checkpoint, time.perf_counter() - t0)
 

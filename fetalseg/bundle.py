@@ -106,9 +106,18 @@ class Bundle:
         return self._fresh("train_transforms")
 
     def augmentation_transforms(self) -> list[Any]:
-        """Only the random part of training (patching, flips, intensity), for cached pre-processed data."""
+        """Only the random part of training (patching, flips, intensity), for cached pre-processed data.
+
+        With ``domain_randomization`` on, its transforms come first, in the order ``train_transforms`` uses."""
         self._require("train")
-        return list(self._fresh("augmentation_transforms"))
+        return self.domain_randomization_transforms() + list(self._fresh("augmentation_transforms"))
+
+    def domain_randomization_transforms(self) -> list[Any]:
+        """The SynthSeg-style acquisition randomization of ``train.json`` when its switch is on, else ``[]``."""
+        self._require("train")
+        if not bool(self.get("domain_randomization", False)):
+            return []
+        return list(self._fresh("domain_randomization_transforms"))
 
     def loss(self) -> torch.nn.Module:
         return self._fresh("loss")
