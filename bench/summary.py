@@ -35,6 +35,15 @@ def _eps(x: float) -> str:
     return f"{x:.1f}" if x < 1000 else f"{x:.1e} (almost no noise)"
 
 
+def _delta_note(delta: Any) -> str:
+    """δ of a result, said in the same line; a result at another δ than the project's one (1e-5) is history."""
+    try:
+        value = float(delta)
+    except (TypeError, ValueError):
+        return ""
+    return f", δ = {value:g}" if value == 1e-5 else f", history at δ = {value:g}"
+
+
 def _ratio(x: float) -> str:
     return f"{x:.2f}×"
 
@@ -198,7 +207,8 @@ def attacks(d: dict[str, Any]) -> list[Row]:
         rows.append(
             Row(
                 "attacks",
-                f"membership inference AUC, DP-SGD at ε ≤ 8 (worst of {len(dp_rows)} models)",
+                f"membership inference AUC, DP-SGD at ε ≤ 8{_delta_note(dp_rows[0].get('delta'))} "
+                f"(worst of {len(dp_rows)} models)",
                 f"{worst:.2f}",
                 "≤ 0.55",
                 _verdict(worst <= 0.55),
@@ -212,7 +222,8 @@ def attacks(d: dict[str, Any]) -> list[Row]:
         rows.append(
             Row(
                 "attacks",
-                f"gradient inversion SSIM (lower is safer), {inv['filter']}, {inv['model']}",
+                f"gradient inversion SSIM (lower is safer), {inv['filter']}"
+                f"{_delta_note((d.get('args') or {}).get('delta')) if 'ε' in inv['filter'] else ''}, {inv['model']}",
                 f"{inv['ssim']:.2f}",
                 "–",
                 "–",
@@ -225,6 +236,7 @@ def privacy_utility(d: dict[str, Any], name: str = "privacy_utility") -> list[Ro
     rows = []
     runs = d["rows"]
     public = (d.get("public_pretraining_only") or {}).get("all")
+    delta_note = _delta_note((d.get("args") or {}).get("delta"))
     for start in sorted({r["start"] for r in runs}):
         alone = f": {public:.3f} alone" if start == "public" and public is not None else ""
         plain = next((r for r in runs if r["start"] == start and r.get("target_epsilon") is None), None)
@@ -236,7 +248,8 @@ def privacy_utility(d: dict[str, Any], name: str = "privacy_utility") -> list[Ro
             rows.append(
                 Row(
                     name,
-                    f"held-out Dice, DP-SGD ε ≈ {_eps(r.get('epsilon', eps))} − non-private ({start} start{alone})",
+                    f"held-out Dice, DP-SGD ε ≈ {_eps(r.get('epsilon', eps))}{delta_note}"
+                    f" − non-private ({start} start{alone})",
                     f"{r['dice']['all']:.3f} − {plain['dice']['all']:.3f} = {gap:+.3f}",
                     "≥ −0.05 at ε ≤ 8" if eps <= 8 else "–",
                     _verdict(gap >= -0.05) if eps <= 8 else "–",

@@ -70,6 +70,12 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 
 
 # -- figures ------------------------------------------------------------------------------------------------------
+def _run_delta(run: Any) -> float:
+    """The δ the run's DP-SGD used (the engine's default, 1e-5 per site, when the config does not say)."""
+    dp = (run.job_config.get("privacy", {}) or {}).get("dp_sgd") or {}
+    return float(dp.get("delta", 1e-5))
+
+
 def plot_rounds(rows_by_run: dict[str, list[dict[str, Any]]], key: str, ylabel: str, path: Path) -> Path | None:
     """One line per site (and per run) of a per-round site metric; None when no run reported it."""
     plt = _plt()
@@ -95,7 +101,9 @@ def plot_rounds(rows_by_run: dict[str, list[dict[str, Any]]], key: str, ylabel: 
     return path
 
 
-def plot_privacy_utility(points: list[tuple[str, float, float]], refs: dict[str, float], path: Path) -> Path:
+def plot_privacy_utility(
+    points: list[tuple[str, float, float]], refs: dict[str, float], path: Path, *, delta: float = 1e-5
+) -> Path:
     """Mean held-out Dice against ε (largest over sites) for the private runs; runs without DP as lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -104,7 +112,7 @@ def plot_privacy_utility(points: list[tuple[str, float, float]], refs: dict[str,
         ax.annotate(name, (eps, dice), fontsize=7, xytext=(4, 4), textcoords="offset points")
     for i, (name, dice) in enumerate(refs.items()):
         ax.axhline(dice, linestyle="--", color=f"C{i + 1}", label=f"{name} (no DP, ε = ∞)")
-    ax.set_xlabel("ε (largest over sites, δ = 1e-5)")
+    ax.set_xlabel(f"ε (largest over sites, δ = {delta:g})")
     ax.set_ylabel("mean held-out Dice")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -307,7 +315,10 @@ def privacy_section(run: DemoRun) -> list[str]:
         )
     lines += [
         "",
-        "ε is cumulative over the job at the stated δ (the site's accountant, one per job). Bytes sent: the "
+        "ε is cumulative over the job at the stated δ (the site's accountant, one per job) and covers everything "
+        "the site sent: DP-SGD's steps and any metric it released, noised and composed in the same accountant "
+        "(`dp_metrics_epsilon`: the metrics' share; with the default policy a DP site sends no Dice at all, only "
+        "counts, and the server keeps the last round's model). Bytes sent: the "
         "percentile filter's own log (payload after filtering, all rounds); where it logged nothing, "
         f"{sent['source']}.",
         "",
@@ -333,6 +344,8 @@ def privacy_section(run: DemoRun) -> list[str]:
         "- **Protected (differential privacy):** each site's *individual training cases*. DP-SGD clips every "
         "case's gradient and adds Gaussian noise; the accountant bounds how much any one case can change what "
         "the site sends, as (ε, δ) over the whole job. Smaller ε is stronger; ε above ~10 is a weak guarantee.",
+        "- **Metrics:** with DP-SGD on, a site's validation and test Dice leave it only noised and accounted in "
+        "the same ε (or not at all, the default); its training loss and HD95 never leave it.",
         "- **Not differential privacy:** percentile sharing. It only zeroes small weight changes and clips the "
         "rest; it adds no noise and gives no (ε, δ). It reduces what leaks, it does not bound it.",
         "- **Raw images and labels never leave a site**; only filtered weight differences do, over NVFlare's "
@@ -400,7 +413,8 @@ def write_report(run: DemoRun) -> Path:
         ("Validation Dice per round per site (the global model each site received)",
          plot_rounds(rows_by_run, "val_mean_dice", "validation mean Dice", folder / "val_dice_per_round.png")),
         ("ε per site per round (cumulative over the job)",
-         plot_rounds({"DP-SGD": run.private_rows}, "dp_epsilon", "ε (δ = 1e-5)", folder / "epsilon_per_round.png")),
+         plot_rounds({"DP-SGD": run.private_rows}, "dp_epsilon", f"ε (δ = {_run_delta(run):g})",
+                     folder / "epsilon_per_round.png")),
     ]  # fmt: skip
     points = []
     refs = {}
@@ -412,8 +426,8 @@ def write_report(run: DemoRun) -> Path:
             points.append((e.name, max(e.epsilon.values()), dice))
         elif e.name in ("federated", "centralized", "public pretraining only"):
             refs[e.name] = dice
-    figs.append(("Privacy–utility: mean held-out Dice against ε (the points this run produced)",
-                 plot_privacy_utility(points, refs, folder / "privacy_utility.png")))  # fmt: skip
+    utility_png = plot_privacy_utility(points, refs, folder / "privacy_utility.png", delta=_run_delta(run))
+    figs.append(("Privacy–utility: mean held-out Dice against ε (the points this run produced)", utility_png))
     fed = next(e for e in run.experiments if e.epsilon is not None or e.name.startswith("federated"))
     pictures = case_pictures(run, fed.checkpoint, folder)
 

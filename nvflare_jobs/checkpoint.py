@@ -150,6 +150,8 @@ class BundleCheckpointWriter(FLComponent):
     def _prefer_final_model(self, fl_ctx: FLContext) -> None:
         final = self._cse.get(CSE_PREFIX + DefaultCheckpointFileName.GLOBAL_MODEL)
         if not final:
+            if self._written is None:  # no Dice ever arrived (DP sites withhold them): keep the last round's model
+                self._save_final(fl_ctx, nan=float("nan"))
             return
         best = self._cse.get(CSE_PREFIX + DefaultCheckpointFileName.BEST_GLOBAL_MODEL, {})
         final_score = cross_site_score(final, key=self.key_metric)
@@ -158,6 +160,9 @@ class BundleCheckpointWriter(FLComponent):
             fl_ctx, f"cross-site {self.key_metric}: final global model {final_score:.4f}, best so far {best_score:.4f}"
         )
         if self._written is not None and not final_score > best_score:
+            return
+        if self._written is None and not math.isfinite(final_score):  # no Dice at all (DP sites withhold them)
+            self._save_final(fl_ctx, nan=final_score)
             return
         source = self._path(fl_ctx).with_name(DefaultCheckpointFileName.GLOBAL_MODEL)
         if not source.is_file():
@@ -169,5 +174,20 @@ class BundleCheckpointWriter(FLComponent):
             self.key_metric: final_score,
             "selected_by": "cross-site evaluation (final model beat the best during training)",
             "cross_site": {site: m.get(self.key_metric) for site, m in final.items()},
+        }
+        self._save(fl_ctx, weights, info)
+
+    def _save_final(self, fl_ctx: FLContext, *, nan: float) -> None:
+        """No site sent a validation Dice (DP-SGD sites withhold data-dependent metrics unless they are noised and
+        accounted, docs/privacy.md): there is nothing to select on, so the last round's global model is kept."""
+        source = self._path(fl_ctx).with_name(DefaultCheckpointFileName.GLOBAL_MODEL)
+        if not source.is_file():
+            self.log_error(fl_ctx, f"final global model {source} not found; no bundle checkpoint written")
+            return
+        weights = torch.load(source, map_location="cpu", weights_only=False)["model"]
+        info = {
+            "round": self._last_round + 1,
+            self.key_metric: nan,
+            "selected_by": "last round (no validation metric received: the sites withhold them under DP-SGD)",
         }
         self._save(fl_ctx, weights, info)

@@ -174,6 +174,18 @@ def _check_legacy_val_fraction(data: Mapping[str, Any]) -> None:
         )
 
 
+def _check_metrics_policy(metrics: Any) -> None:
+    """``privacy.metrics``: how a DP-SGD site releases its metrics (``privacy.released_metrics.MetricsPolicy``)."""
+    if metrics is None:
+        return
+    from privacy.released_metrics import MetricsPolicy
+
+    try:
+        MetricsPolicy.from_dict(metrics)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _check_trained_parameters(spec: Any) -> str:
     """``training.trained_parameters``: the weights every site trains and sends (``fetalseg.subspace``), checked
     here so a typo stops the job before any site trains."""
@@ -304,7 +316,8 @@ class JobConfig:
         seed = _int("training.seed", training.get("seed", 0), low=0)
 
         privacy = d.get("privacy", {})
-        _check_keys("privacy", privacy, ["filters", "dp_sgd", "sites"])
+        _check_keys("privacy", privacy, ["filters", "dp_sgd", "sites", "metrics"])
+        _check_metrics_policy(privacy.get("metrics"))
         raw_filters = privacy.get("filters", [])
         if not isinstance(raw_filters, list):
             raise ConfigError(f"privacy.filters must be a list, got {raw_filters!r}")

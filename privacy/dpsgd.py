@@ -63,9 +63,10 @@ log = logging.getLogger(__name__)
 SCOPE = "sample-level DP, per site"
 # Said wherever ε is reported: what the guarantee does not cover (docs/privacy.md, "Not covered by ε").
 NOT_COVERED = (
-    "NOT covered by ε: the validation metrics (Dice, loss, case and step counts) a site reports to the server each "
-    "round, computed without noise; the number of training cases N (it sets the sample rate); hyper-parameters "
-    "chosen by looking at the data; side channels (timing, floating-point and RNG-state attacks)"
+    "NOT covered by ε: the number of cases (N sets the sample rate; the training, validation and test case and "
+    "step counts are reported); hyper-parameters chosen by looking at the data; side channels (timing, "
+    "floating-point and RNG-state attacks). Metrics a federated site sends pass privacy.released_metrics: noised "
+    "and composed into this ε, or withheld"
 )
 # Where the noise comes from (no CSPRNG: Opacus's secure_mode needs torchcsprng, which has no build for this torch).
 NOISE_SOURCE = (

@@ -171,9 +171,13 @@ class SiteTrainer:
         """The DP-SGD report for this round, written to the site's ledger first (before anything is sent)."""
         if self.privacy_engine is None:
             return None
-        if self.ledger is not None:
-            self.privacy_engine.record(self.ledger, job_id=self.job_id, dataset_id=self.dataset_id, round=round_index)
-        return dict(self.privacy_engine.report())
+        if self.ledger is not None:  # one ε for DP-SGD's steps and the metric releases, composed
+            from privacy.dpsgd import SCOPE
+
+            self.released.record(
+                self.ledger, job_id=self.job_id, dataset_id=self.dataset_id, round=round_index, scope=SCOPE
+            )
+        return self.released.report()
 
     def finish(self) -> float:
         """At the job's end (the client loop ended, not a crash): give back the unspent part of the ε reservation.
@@ -194,19 +198,44 @@ class SiteTrainer:
         self.model.load_state_dict(state, strict=True)
         return state
 
+    @property
+    def released(self) -> Any:
+        """The one gate every metrics dict passes before it leaves the site (``privacy.released_metrics``): as is
+        without DP; with DP-SGD only data-independent values and noised, accounted Dice (or nothing)."""
+        gate = getattr(self, "_released", None)
+        if gate is None:
+            from privacy.released_metrics import MetricsPolicy, SiteMetricsRelease, planned_releases
+
+            engine = self.privacy_engine
+            gate = SiteMetricsRelease(
+                engine=engine,
+                policy=MetricsPolicy.from_dict((self.config.raw.get("privacy") or {}).get("metrics")),
+                delta=engine.config.delta if engine is not None else None,
+                accountant=engine.config.accountant if engine is not None else "rdp",
+                max_releases=planned_releases(
+                    num_rounds=self.config.num_rounds, cross_site_eval=self.config.cross_site_eval
+                ),
+            )
+            if self.ledger is not None:  # widen the reservation to DP-SGD + metric releases before any release
+                gate.reserve(self.ledger, dataset_id=self.dataset_id, job_id=self.job_id)
+            self._released = gate
+        return gate
+
     def validate(
         self, cases: Sequence[Case] | None = None, *, with_hd95: bool = False, prefix: str = "val"
     ) -> dict[str, float]:
-        """Metrics of the current model on ``cases`` (default: the validation cases); ``{}`` when there are none."""
+        """Metrics of the current model on ``cases`` (default: the validation cases) as they may leave the site
+        (through :attr:`released`); ``{}`` when there are none."""
         cases = self.val_cases if cases is None else cases
         if not cases:
             return {}
+        with_hd95 = with_hd95 and not self.released.dp  # HD95 is unbounded: never released by a DP site
         scores = evaluate_cases(self.model.net, cases, bundle=self.bundle, device=self.device, with_hd95=with_hd95)
-        return metrics_from_scores(scores, prefix=prefix)
+        return self.released.release(metrics_from_scores(scores, prefix=prefix), scores={prefix: scores})
 
     def evaluate(self) -> dict[str, float]:
-        """Cross-site evaluation: ``val_*`` on the validation cases, ``test_*`` (with HD95) on the held-out test
-        cases, which are never used to choose a model."""
+        """Cross-site evaluation: ``val_*`` on the validation cases, ``test_*`` (with HD95 without DP) on the
+        held-out test cases, which are never used to choose a model."""
         return {**self.validate(), **self.validate(self.test_cases, with_hd95=True, prefix="test")}
 
     def train_round(self, *, fedprox_mu: float | None = None) -> RoundStats:
@@ -292,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             flare.send(flare.FLModel(params=global_state, params_type=flare.ParamsType.FULL))
             continue
         if flare.is_evaluate():  # cross-site evaluation of a server model on this site's val and test cases
-            metrics = trainer.evaluate()
+            metrics = trainer.released.release(trainer.evaluate())
+            trainer.record_privacy(rnd)  # with DP: the evaluation's releases are in the ledger before they leave
             log.info("site %s: evaluation %s", site, metrics)
             flare.send(flare.FLModel(metrics=metrics))
             continue
@@ -309,9 +339,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             for key in ("epsilon", "delta"):
                 if isinstance(report.get(key), (int, float)):
                     metrics[f"dp_{key}"] = float(report[key])
+            metrics["dp_metrics_epsilon"] = float(report["metrics"]["epsilon_share"])
+        metrics = trainer.released.release(metrics)  # everything sent and streamed below passes the one gate
         for key, value in metrics.items():
             writer.add_scalar(key, value, global_step=rnd)
-        log.info("site %s round %d: %d steps, loss %.4f, %s", site, rnd, stats.steps, stats.loss, metrics)
+        # NVFlare may stream a site's log to the server (provisioned kits: allow_log_streaming): under DP the log
+        # says only what is sent
+        loss = "" if trainer.released.dp else f", loss {stats.loss:.4f}"
+        log.info("site %s round %d: %d steps%s, %s", site, rnd, stats.steps, loss, metrics)
         flare.send(flare.FLModel(params=diff, params_type=flare.ParamsType.DIFF, metrics=metrics, meta=meta))
     trainer.finish()
 

@@ -446,11 +446,11 @@ def test_noise_is_not_reproducible_from_the_global_torch_seed(tiny_bundle, make_
 def test_report_and_summary_say_what_is_not_covered(tiny_bundle, make_loader):
     engine = _engine(seed=None, planned_steps=30)
     report = engine.report()
-    assert "validation metrics" in report["not_covered"] and "NOT covered" in report["not_covered"]
+    assert "number of cases" in report["not_covered"] and "NOT covered" in report["not_covered"]
     assert "os.urandom" in report["noise_source"] and "not a cryptographically secure" in report["noise_source"]
     text = engine.summary()
     assert "ε=0 at δ=0.001" in text and "of the 30 planned" in text
-    assert "NOT covered by ε: the validation metrics" in text
+    assert "NOT covered by ε: the number of cases" in text
     assert "seed=3" in _engine(seed=3).report()["noise_source"]
 
 
