@@ -42,12 +42,14 @@ from apps.fetal_brain.lib.uploads import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIXES,
     ZIP,
+    check_upload,
     discard,
     new_upload_path,
     scrub,
     sniff_suffix,
     unpack_dicom_zip,
 )
+from apps.fetal_brain.lib.volumes import image_geometry
 from fetalseg.data.io import stem_of
 from fetalseg.data.validation import DataValidationError
 
@@ -118,45 +120,57 @@ def infer_params(text: str | None) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in INFER_PARAMS}
 
 
-def _copy_upload(upload: UploadFile, *, limit: int) -> Path:
-    """Copy an upload into the private folder; 400 if empty, 413 if too big."""
-    target = new_upload_path(".upload", name=upload.filename)
+def _copy_upload(upload: UploadFile, target: Path, *, limit: int) -> None:
+    """Copy an upload to ``target`` (in the private folder); 400 if empty, 413 if too big."""
     size = 0
-    try:
-        with open(target, "wb") as out:
-            upload.file.seek(0)
-            while block := upload.file.read(_COPY_BLOCK):
-                size += len(block)
-                if size > limit:
-                    raise PayloadTooLargeError(f"upload is larger than the {limit}-byte limit")
-                out.write(block)
-        if size == 0:
-            raise BadRequestError(f"upload {upload.filename or ''!r} is empty (0 bytes)")
-    except BaseException:
-        discard(target)
-        raise
-    return target
+    with open(target, "wb") as out:
+        upload.file.seek(0)
+        while block := upload.file.read(_COPY_BLOCK):
+            size += len(block)
+            if size > limit:
+                raise PayloadTooLargeError(f"upload is larger than the {limit}-byte limit")
+            out.write(block)
+    if size == 0:
+        raise BadRequestError(f"upload {upload.filename or ''!r} is empty (0 bytes)")
 
 
-def _finish_upload(raw: Path, filename: str | None, *, allowed: tuple[str, ...], limit: int) -> Path:
-    """Give a copied upload its real suffix; unpack a zipped DICOM series to a folder."""
+def _finish_upload(
+    raw: Path, filename: str | None, *, allowed: tuple[str, ...], limit: int, role: str, grid: tuple[int, ...] | None
+) -> Path:
+    """Give a copied upload its real suffix, unpack a zipped DICOM series to a folder, and check what its header
+    declares (:func:`check_upload`) before anything reads its voxels."""
+    suffix = sniff_suffix(raw, filename, allowed=allowed)
+    path = raw.with_name(raw.name[: -len(".upload")] + suffix)
+    raw.replace(path)
+    if suffix != ZIP:
+        check_upload(path, role=role, grid=grid)
+        return path
+    folder = unpack_dicom_zip(path, max_bytes=limit)
+    check_upload(folder, role=role, grid=grid, name=path.name)
+    path.unlink(missing_ok=True)
+    return folder
+
+
+async def receive_upload(
+    upload: UploadFile,
+    *,
+    allowed: tuple[str, ...],
+    limit: int,
+    role: str = "image",
+    grid: tuple[int, ...] | None = None,
+) -> Path:
+    """The upload, copied to the private folder and checked (type, size, header; a label against its image's
+    ``grid``). On every failure, cancellation included (client gone, server stopping), its private sub-folder is
+    removed here: the path is made before any worker thread runs, so no thread can finish with a file nobody owns."""
+    raw = new_upload_path(".upload", name=upload.filename)
     try:
-        suffix = sniff_suffix(raw, filename, allowed=allowed)
-        path = raw.with_name(raw.name[: -len(".upload")] + suffix)
-        raw.replace(path)
-        if suffix != ZIP:
-            return path
-        folder = unpack_dicom_zip(path, max_bytes=limit)
-        path.unlink(missing_ok=True)
-        return folder
+        await run_in_threadpool(_copy_upload, upload, raw, limit=limit)
+        return await run_in_threadpool(
+            _finish_upload, raw, upload.filename, allowed=allowed, limit=limit, role=role, grid=grid
+        )
     except BaseException:
         discard(raw)
         raise
-
-
-async def receive_upload(upload: UploadFile, *, allowed: tuple[str, ...], limit: int) -> Path:
-    raw = await run_in_threadpool(_copy_upload, upload, limit=limit)
-    return await run_in_threadpool(_finish_upload, raw, upload.filename, allowed=allowed, limit=limit)
 
 
 def _who(request: Request) -> tuple[str, str | None]:
@@ -237,9 +251,9 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
         request = {"model": model, **infer_params(params)}
         if file is not None and image:
             raise BadRequestError("send either ?image=<id> or a file, not both")
+        path: Path | None = None
         if file is not None:
             path = await receive_upload(file, allowed=(*IMAGE_SUFFIXES, ZIP), limit=max_upload_bytes)
-            background_tasks.add_task(discard, path)
             request["image"] = str(path)
             request.pop("save_label", None)
         elif image:
@@ -247,7 +261,11 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
             request["image"] = image
         else:
             raise BadRequestError("no image: pass ?image=<datastore id> or upload a file")
-        result = await in_infer_pool(instance.infer, request)
+        try:
+            result = await in_infer_pool(instance.infer, request)
+        finally:  # the input is not needed once the model ran; on errors no background task would remove it
+            if path is not None:
+                discard(path)
         return send_response(instance.datastore(), result, output, background_tasks)
 
     async def add_image(image: str | None, params: str, file: UploadFile) -> dict[str, str]:
@@ -276,10 +294,11 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
     ) -> dict[str, Any]:
         instance = app_instance()
         datastore = instance.datastore()
-        datastore.image_file(check_id(image))
+        image_path = datastore.image_file(check_id(image))
         tag = check_tag(tag or "final")
         info = parse_object(params)
-        path = await receive_upload(label, allowed=LABEL_SUFFIXES, limit=max_upload_bytes)
+        grid, _ = await run_in_threadpool(image_geometry, image_path)  # the shape the label must declare
+        path = await receive_upload(label, allowed=LABEL_SUFFIXES, limit=max_upload_bytes, role="label", grid=grid)
         try:
             sha = await run_in_threadpool(_file_sha256, path)
             label_id = await run_in_threadpool(datastore.save_label, image, str(path), tag, info)

@@ -4,18 +4,32 @@ Uploads live in one private folder per server process (mode 0700, removed at exi
 for inference only if it lies there, so ``/infer?image=/etc/passwd`` and friends cannot reach anything else.
 A DICOM series arrives as a ``.zip``; it is unpacked defensively (no absolute paths, no ``..``, no links,
 bounded size and count) into a flat folder.
+
+Every upload is then checked for what its header promises before a voxel is read (:func:`check_upload`): a small
+compressed file can declare gigabytes (a 2 MB label once held a worker for over a minute inflating 2.2 GB), so
+shape, type and total size are bounded from the header alone, and decompression itself never goes past what the
+header declares (plus a small margin).
 """
 
 from __future__ import annotations
 
 import atexit
+import bz2
+import gzip
+import io
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
 import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from apps.fetal_brain.lib.errors import (
     BadRequestError,
@@ -32,6 +46,15 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 LABEL_SUFFIXES = (".nii.gz", ".nii", SEG_NRRD, ".nrrd")
 ZIP = ".zip"
 MAX_ZIP_MEMBERS = 5000
+# What one upload may declare (a 256³ FeTA volume is 16.8 M voxels, 64 MiB as float32).
+MAX_AXIS = 2048  # voxels along one axis (also: slices of a DICOM series)
+MAX_VOXELS = 512**3
+MAX_INFLATED_BYTES = 1 << 30  # voxel data once decompressed
+MAX_HEADER_BYTES = 1 << 20  # NIfTI header + extensions, NRRD header text
+MAX_LABEL_LAYERS = 16  # a Slicer .seg.nrrd holds one layer per group of overlapping segments
+INFLATE_MARGIN = 64 << 10  # decompressed bytes allowed past what the header declares
+_INFLATE_BLOCK = 1 << 20
+_NRRD_GRID_KINDS = {"domain", "space", "none", "???"}  # NRRD axis kinds of grid axes (others: list, vector...)
 
 _lock = threading.Lock()
 _dir: Path | None = None
@@ -196,3 +219,217 @@ def unpack_dicom_zip(archive: Path, *, max_bytes: int) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         raise UnprocessableError("zip archive does not hold DICOM files (expected one DICOM series)")
     return out
+
+
+# -- what an upload declares, checked before a voxel is read -----------------------------------------------------
+@dataclass(frozen=True)
+class Declared:
+    """What a file's header promises: grid axes (x, y, z), values per voxel (``layers``), bytes per value."""
+
+    spatial: tuple[int, ...]
+    layers: int
+    itemsize: int
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.spatial) * self.layers
+
+    @property
+    def nbytes(self) -> int:
+        return self.voxels * self.itemsize
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """Where a file's voxel data lies: from byte ``offset``, ``codec``-encoded ('' = text, bounded by the upload
+    size itself), ``expected`` bytes once decoded (NIfTI: header and extensions included)."""
+
+    offset: int
+    codec: str
+    expected: int
+
+
+def _refuse(name: str, what: str) -> UnprocessableError:
+    return UnprocessableError(f"{name}: {what} (refused from its header, no voxel data read)")
+
+
+def check_upload(path: Path, *, role: str, grid: Sequence[int] | None = None, name: str | None = None) -> None:
+    """Refuse an uploaded NIfTI/NRRD file or unpacked DICOM folder from what its header declares (3D, size and
+    type within limits, a label on its image's ``grid``), then check, without keeping it, that its compressed data
+    decodes to what the header declares: never more (a bomb whose header lies), never less (truncated).
+
+    Why: readers trust headers and decompress whatever is there, so this runs before anything reads voxels.
+    Raises :class:`UnprocessableError` (422) with the reason.
+    """
+    name = f"{role} {name or path.name}"
+    lowered = path.name.lower()
+    if path.is_dir():
+        declared, stream = _dicom_declared(path, name), None
+    elif lowered.endswith(".nrrd"):
+        declared, stream = _nrrd_declared(path, name)
+    else:
+        declared, stream = _nifti_declared(path, name)
+    _check_declared(declared, name, grid=grid, cropped=lowered.endswith(SEG_NRRD))
+    if stream is not None:
+        _check_stream(path, stream, name)
+
+
+def _check_declared(declared: Declared, name: str, *, grid: Sequence[int] | None, cropped: bool) -> None:
+    """A 3D grid of bounded size and a plain numeric type; a label on (``cropped``: inside) its image's grid."""
+    shape = declared.spatial + ((declared.layers,) if declared.layers > 1 else ())
+    if len(declared.spatial) != 3:
+        raise _refuse(name, f"declares a {len(shape)}D array of shape {shape}; expected a 3D volume")
+    if declared.layers > (MAX_LABEL_LAYERS if cropped else 1):
+        raise _refuse(name, f"declares shape {shape}, {declared.layers} values per voxel; expected a 3D volume")
+    if min(declared.spatial) < 1:
+        raise _refuse(name, f"declares an empty axis (shape {shape})")
+    if grid is not None:
+        want = tuple(int(n) for n in grid)
+        want = want[:3] if len(want) == 4 and want[3] == 1 else want
+        inside = len(want) == 3 and all(a <= b for a, b in zip(declared.spatial, want, strict=True))
+        if declared.spatial != want and not (cropped and inside):
+            where = "inside" if cropped else "equal to"
+            raise _refuse(name, f"declares shape {declared.spatial}, not {where} its image's shape {want}")
+    if max(declared.spatial) > MAX_AXIS:
+        raise _refuse(name, f"declares shape {shape}; at most {MAX_AXIS} voxels per axis allowed")
+    if declared.voxels > MAX_VOXELS or declared.nbytes > MAX_INFLATED_BYTES:
+        raise _refuse(
+            name,
+            f"declares {declared.voxels} voxels, {declared.nbytes} bytes of data; at most {MAX_VOXELS} voxels and "
+            f"{MAX_INFLATED_BYTES} bytes allowed",
+        )
+
+
+def _checked_dtype(dtype: np.dtype, name: str) -> int:
+    """Bytes per value of a plain integer or float voxel type (no RGB, complex, records or 128-bit floats)."""
+    if dtype.kind not in "iuf" or dtype.itemsize > 8:
+        raise _refuse(name, f"declares voxel type {dtype}; expected integers or floats")
+    return dtype.itemsize
+
+
+def _nifti_declared(path: Path, name: str) -> tuple[Declared, _Stream]:
+    """The NIfTI-1/2 header, read through a bounded reader (the first 540 bytes only) and parsed by nibabel."""
+    import nibabel as nib
+    from nibabel.spatialimages import HeaderDataError
+
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    try:
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as fh:
+            head = fh.read(540)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise _refuse(name, f"its header cannot be read ({exc})") from exc
+    sizes = {int.from_bytes(head[:4], order) for order in ("little", "big")}
+    klass = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header if 348 in sizes else None
+    if klass is None or len(head) < klass.sizeof_hdr:
+        raise _refuse(name, "has no NIfTI header")
+    try:
+        header = klass(head[: klass.sizeof_hdr], check=False)
+        magic = np.asarray(header["magic"]).item()
+        shape = tuple(int(n) for n in header.get_data_shape())
+        dtype = np.dtype(header.get_data_dtype())
+        offset = int(header.get_data_offset())
+    except (HeaderDataError, ValueError, TypeError, KeyError) as exc:
+        raise _refuse(name, f"invalid NIfTI header ({exc})") from exc
+    if magic not in (b"n+1", b"n+2"):
+        raise _refuse(name, f"is not a single-file NIfTI (magic {magic!r}); send one .nii or .nii.gz file")
+    if not klass.sizeof_hdr <= offset <= MAX_HEADER_BYTES:
+        raise _refuse(
+            name, f"declares its voxel data at byte {offset}; expected {klass.sizeof_hdr}..{MAX_HEADER_BYTES}"
+        )
+    if min(shape, default=0) < 0:
+        raise _refuse(name, f"declares a negative size (shape {shape})")
+    if len(shape) > 4:
+        raise _refuse(name, f"declares a {len(shape)}D array of shape {shape}; expected a 3D volume")
+    declared = Declared(shape[:3], math.prod(shape[3:]), _checked_dtype(dtype, name))
+    return declared, _Stream(0, "gzip" if gzipped else "raw", offset + declared.nbytes)
+
+
+def _nrrd_declared(path: Path, name: str) -> tuple[Declared, _Stream | None]:
+    """The NRRD header (text up to the first blank line, at most ``MAX_HEADER_BYTES``), parsed by pynrrd."""
+    import nrrd
+
+    with open(path, "rb") as fh:
+        head = fh.read(MAX_HEADER_BYTES)
+    lines, offset = [], 0
+    for line in io.BytesIO(head):
+        lines.append(line)
+        offset += len(line)
+        if len(lines) > 1 and not line.strip():
+            break
+    else:
+        raise _refuse(name, f"no end of NRRD header (blank line) in its first {MAX_HEADER_BYTES} bytes")
+    try:
+        header = nrrd.read_header(lines)
+        dtype = np.dtype(nrrd.reader._determine_datatype(header))
+        sizes = [int(n) for n in header["sizes"]]
+    except Exception as exc:  # pynrrd raises NRRDError, KeyError, ValueError... for bad headers
+        raise _refuse(name, f"invalid NRRD header ({type(exc).__name__}: {exc})") from exc
+    detached = header.get("data file", header.get("datafile"))
+    if detached is not None:  # readers would open that path on the server
+        raise _refuse(name, f"names a separate data file ({detached!r}); send one .nrrd with its data attached")
+    for skip in ("line skip", "lineskip", "byte skip", "byteskip"):
+        if int(header.get(skip, 0) or 0) != 0:
+            raise _refuse(name, f"uses '{skip}', which uploads do not support")
+    kinds = [str(k).lower() for k in header.get("kinds") or ["domain"] * len(sizes)]
+    grid = [k in _NRRD_GRID_KINDS for k in kinds] + [True] * (len(sizes) - len(kinds))
+    spatial = tuple(n for n, on_grid in zip(sizes, grid, strict=False) if on_grid)
+    layers = math.prod(n for n, on_grid in zip(sizes, grid, strict=False) if not on_grid)
+    if min(sizes, default=0) < 0:
+        raise _refuse(name, f"declares a negative size (sizes {sizes})")
+    declared = Declared(spatial, layers, _checked_dtype(dtype, name))
+    encoding = str(header.get("encoding", "")).lower()
+    codecs = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}
+    if encoding in ("ascii", "text", "txt", "hex"):
+        return declared, None  # text is never smaller than its values: the upload limit bounds it
+    if encoding not in codecs:
+        raise _refuse(name, f"uses NRRD encoding {encoding!r}; expected raw, gzip, bzip2 or ascii")
+    return declared, _Stream(offset, codecs[encoding], declared.nbytes)
+
+
+def _check_stream(path: Path, stream: _Stream, name: str) -> None:
+    """Decode the data in blocks, counting bytes and keeping none, stopping a margin past what the header declares."""
+    limit = stream.expected + INFLATE_MARGIN
+    if stream.codec == "raw":
+        size = path.stat().st_size - stream.offset
+    else:
+        size = 0
+        try:
+            with open(path, "rb") as raw:
+                raw.seek(stream.offset)
+                with gzip.GzipFile(fileobj=raw) if stream.codec == "gzip" else bz2.BZ2File(raw) as decoded:
+                    while size <= limit and (block := decoded.read(min(_INFLATE_BLOCK, limit + 1 - size))):
+                        size += len(block)
+        except EOFError as exc:
+            raise UnprocessableError(f"{name}: truncated: its compressed data ends early ({exc})") from exc
+        except (OSError, zlib.error) as exc:
+            raise UnprocessableError(f"{name}: its compressed data is corrupt ({exc})") from exc
+    if size > limit:
+        raise UnprocessableError(
+            f"{name}: holds more data than its header declares ({stream.expected} bytes); refused after reading "
+            f"{size} bytes, the rest was never decompressed"
+        )
+    if size < stream.expected:
+        raise UnprocessableError(f"{name}: truncated: {size} bytes of data where its header declares {stream.expected}")
+
+
+def _dicom_declared(folder: Path, name: str) -> Declared:
+    """A bound on an unpacked DICOM series from its files' headers (compressed pixel data can hold a bomb too)."""
+    import pydicom
+
+    tags = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"]
+    rows = cols = slices = layers = itemsize = 0
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+            r, c = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+            frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
+            bits = int(ds.get("BitsAllocated") or 16)
+        except Exception:  # not an image file: the series reader says what is wrong with the folder
+            continue
+        if r and c:
+            rows, cols, slices = max(rows, r), max(cols, c), slices + frames
+            layers, itemsize = max(layers, samples), max(itemsize, -(-bits // 8))
+    if not slices:
+        raise _refuse(name, "holds no DICOM image (no file declares rows and columns)")
+    return Declared((cols, rows, slices), layers, itemsize)
