@@ -19,11 +19,17 @@ from typing import Literal
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 
 log = logging.getLogger(__name__)
 
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+# PRV (numerical composition) is tighter than RDP's conversion at the same σ (e.g. 11.0 vs 12.0 at σ=1, q=0.05,
+# 1000 steps, δ=1e-5): the default for every new plan. RDP stays selectable (older jobs' ledgers name it).
+DEFAULT_ACCOUNTANT: AccountantName = "prv"
+# One δ per site everywhere (issue 24): well below 1/N for the tens to hundreds of cases a site has.
+DEFAULT_DELTA = 1e-5
 History = Sequence[tuple[float, float, int]]
 
 # Largest σ the search for a target ε tries; a target needing more is refused (training would learn nothing).
@@ -69,7 +75,7 @@ def epsilon(
     sample_rate: float,
     steps: int,
     delta: float,
-    accountant: AccountantName = "rdp",
+    accountant: AccountantName = DEFAULT_ACCOUNTANT,
 ) -> float:
     """ε after ``steps`` releases of the Poisson-subsampled Gaussian mechanism (``sample_rate`` = 1: no subsampling).
 
@@ -78,7 +84,7 @@ def epsilon(
     return epsilon_for_history([(noise_multiplier, sample_rate, steps)], delta=delta, accountant=accountant)
 
 
-def epsilon_for_history(history: History, *, delta: float, accountant: AccountantName = "rdp") -> float:
+def epsilon_for_history(history: History, *, delta: float, accountant: AccountantName = DEFAULT_ACCOUNTANT) -> float:
     """ε of the composition of every release in ``history`` at ``delta``; 0.0 for an empty history."""
     check_accountant(accountant)
     delta = check_delta(delta)
@@ -102,12 +108,13 @@ def noise_multiplier_for_epsilon(
     sample_rate: float,
     steps: int,
     delta: float,
-    accountant: AccountantName = "rdp",
+    accountant: AccountantName = DEFAULT_ACCOUNTANT,
     tolerance: float = 0.01,
 ) -> float:
     """Smallest σ (within ``tolerance`` × target) whose ε after ``steps`` is at most ``target_epsilon``.
 
-    The result always satisfies ``epsilon(σ) <= target_epsilon``: the search keeps the upper end of its bracket.
+    The search is Opacus's ``get_noise_multiplier`` (bisection keeping the upper end of its bracket); the result is
+    re-checked with :func:`epsilon`, so it always satisfies ``epsilon(σ) <= target_epsilon``.
     """
     if not _is_number(target_epsilon) or not float(target_epsilon) > 0 or not math.isfinite(float(target_epsilon)):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
@@ -117,39 +124,44 @@ def noise_multiplier_for_epsilon(
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
     check_history([(1.0, sample_rate, steps)])
     target = float(target_epsilon)
-
-    def eps_at(sigma: float) -> float:
-        return epsilon(
-            noise_multiplier=sigma, sample_rate=sample_rate, steps=int(steps), delta=delta, accountant=accountant
-        )
-
-    low, high = 0.0, 1.0
-    eps_high = eps_at(high)
-    while eps_high > target:
-        low, high = high, high * 2.0
-        if high > MAX_NOISE_MULTIPLIER:
-            raise ValueError(
-                f"target ε={target} at δ={delta} over {steps} steps (sample rate {sample_rate:.4g}) needs "
-                f"σ > {MAX_NOISE_MULTIPLIER:g}: raise the target ε, lower the number of steps or the sample rate"
+    try:
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # PRV at q = 1: see epsilon_for_history
+            sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=target,
+                    target_delta=check_delta(delta),
+                    sample_rate=float(sample_rate),
+                    steps=int(steps),
+                    accountant=check_accountant(accountant),
+                    epsilon_tolerance=tolerance * target,
+                )
             )
-        eps_high = eps_at(high)
-    while target - eps_high > tolerance * target and high - low > 1e-6:
-        mid = 0.5 * (low + high)
-        eps_mid = eps_at(mid)
-        if eps_mid <= target:
-            high, eps_high = mid, eps_mid
-        else:
-            low = mid
+    except ValueError as exc:  # Opacus: "The privacy budget is too low." (σ would exceed its MAX_SIGMA)
+        raise ValueError(
+            f"target ε={target} at δ={delta} over {steps} steps (sample rate {sample_rate:.4g}) needs more noise "
+            f"than the accountant can search ({exc}): raise the target ε, lower the number of steps or the sample rate"
+        ) from exc
+    if sigma > MAX_NOISE_MULTIPLIER:
+        raise ValueError(
+            f"target ε={target} at δ={delta} over {steps} steps (sample rate {sample_rate:.4g}) needs "
+            f"σ={sigma:.4g} > {MAX_NOISE_MULTIPLIER:g}: raise the target ε, lower the steps or the sample rate"
+        )
+    eps_at_sigma = epsilon(
+        noise_multiplier=sigma, sample_rate=sample_rate, steps=int(steps), delta=delta, accountant=accountant
+    )
+    if eps_at_sigma > target:  # fail closed: never plan a σ whose ε (by this module's accountant) misses the target
+        raise ArithmeticError(f"σ={sigma} from the noise search gives ε={eps_at_sigma} > target {target}")
     log.debug(
         "σ=%.4f gives ε=%.4f (target %.4f, %s, q=%.4g, %d steps)",
-        high,
-        eps_high,
+        sigma,
+        eps_at_sigma,
         target,
         accountant,
         sample_rate,
         steps,
     )
-    return high
+    return sigma
 
 
 def gaussian_noise_multiplier(*, noise_std: float, sensitivity: float) -> float:

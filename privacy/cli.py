@@ -116,12 +116,30 @@ def register(subparsers: Any) -> None:
     q.add_argument("--target-epsilon", type=float, required=True, help="ε to reach at the end of the job")
     q.set_defaults(handler=_noise)
 
+    q = sub.add_parser(
+        "clip-from-public",
+        help="recommended clip norm C from per-case gradient norms on PUBLIC cases (costs no ε)",
+        description="Per-case gradient norms of the bundle loss at the public model, on public cases, over the "
+        "parameters the job trains and with K augmented views averaged per case (as DP-SGD clips them); prints "
+        "the chosen quantile (default the median) as the recommended max_grad_norm. Never run it on private cases.",
+    )
+    q.add_argument("public_dir", type=Path, help="folder of PUBLIC labelled cases (any layout load_dataset reads)")
+    q.add_argument("--weights", type=Path, default=None, help="the public model's checkpoint (default: bundle init)")
+    q.add_argument("--trained-parameters", default="all", help="parameter groups the job trains, e.g. norm+bias+head")
+    q.add_argument("--multiplicity", type=int, default=1, help="augmented views averaged per case (K)")
+    q.add_argument("--quantile", type=float, default=0.5, help="quantile of the per-case norms (default the median)")
+    q.add_argument("--cases", type=int, default=None, help="use only the first N public cases")
+    q.add_argument("--size", type=int, default=None, help="patch size in voxels (bundle override, e.g. 32 at 4 mm)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random views (public data: reproducible)")
+    q.add_argument("--json", action="store_true", help="print the norms and the recommendation as JSON")
+    q.set_defaults(handler=_clip_from_public)
+
 
 def _add_mechanism_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--sample-rate", type=float, required=True, help="Poisson sample rate q = 1 / ceil(N / batch)")
     q.add_argument("--steps", type=int, required=True, help="DP steps in the whole job (rounds × epochs × 1/q)")
     q.add_argument("--delta", type=float, required=True, help="δ (well below 1/N)")
-    q.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="accountant (default rdp)")
+    q.add_argument("--accountant", choices=ACCOUNTANTS, default="prv", help="accountant (default prv)")
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -236,5 +254,43 @@ def _noise(args: argparse.Namespace) -> int:
     print(
         f"σ = {sigma:.4f} gives ε = {eps:.4f} ≤ {args.target_epsilon:g} (δ={args.delta:g}, q={args.sample_rate:g}, "
         f"{args.steps} steps, {args.accountant})"
+    )
+    return 0
+
+
+def _clip_from_public(args: argparse.Namespace) -> int:
+    import torch
+
+    from fetalseg.bundle import Bundle
+    from fetalseg.data.loaders import load_dataset
+    from privacy.public_clip import clip_from_public
+
+    try:
+        overrides = {} if args.size is None else {"pixdim": [128.0 / args.size] * 3, "patch_size": [args.size] * 3}
+        bundle = Bundle("train", overrides=overrides)
+        cases = load_dataset(args.public_dir)[: args.cases]
+        weights = None
+        if args.weights is not None:
+            ckpt = torch.load(args.weights, map_location="cpu", weights_only=True)
+            weights = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
+        rec = clip_from_public(
+            bundle,
+            cases,
+            weights=weights,
+            trained_parameters=args.trained_parameters,
+            views=args.multiplicity,
+            quantile=args.quantile,
+            seed=args.seed,
+        )
+    except (ValueError, OSError, RuntimeError) as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps(rec.to_dict(), indent=1))
+        return 0
+    norms = sorted(rec.norms)
+    print(
+        f"max_grad_norm = {rec.max_grad_norm:.4g} (quantile {rec.quantile:g} of {len(norms)} public cases' gradient "
+        f"norms; {rec.views} view(s) per case; {rec.trained_parameters}: {rec.trained_weights:,} weights; "
+        f"min {norms[0]:.3g}, max {norms[-1]:.3g}). Public data: costs no ε."
     )
     return 0

@@ -52,11 +52,16 @@ from torch.utils.data._utils.collate import default_collate
 
 from privacy.accounting import (
     ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    DEFAULT_DELTA,
     check_delta,
     epsilon_for_history,
     noise_multiplier_for_epsilon,
 )
+from privacy.ema import IterateEMA, check_ema_decay
+from privacy.full_batch import FullBatchLoader
 from privacy.ledger import DatasetStatus, PrivacyBudgetExceeded, SiteLedger
+from privacy.multiplicity import MULTIPLICITY_MODES, MultiViewDataset, check_multiplicity
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +98,27 @@ class DPSGDConfig:
     In target-ε mode the planned number of steps must be known (``planned_steps``, or ``planned_rounds`` ×
     ``local_epochs`` full passes over the local data); the noise is then computed so that ε after exactly those
     steps is at most the target, and the engine refuses any step beyond the plan.
+
+    Small-N DP (issue 24; De et al. 2022): ``full_batch`` is DP-GD, every training case in every step (q = 1, one
+    step per local epoch, so ``planned_rounds × local_epochs`` steps; the engine then takes no batch size);
+    ``augmentation_multiplicity`` K averages K augmented views of one case before clipping (one case stays one
+    privacy unit: ε does not depend on K; :mod:`privacy.multiplicity`); ``ema_decay`` makes the site's weights
+    between steps an EMA of its DP iterates (post-processing, no ε; :mod:`privacy.ema`). Only parameters with
+    ``requires_grad`` are clipped, noised and trained (a frozen weight is neither noised nor counted in a norm).
     """
 
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     target_epsilon: float | None = None
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     planned_steps: int | None = None
     planned_rounds: int | None = None
     local_epochs: int | None = None
-    accountant: str = "rdp"
+    accountant: str = DEFAULT_ACCOUNTANT
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
+    full_batch: bool = False
+    augmentation_multiplicity: int = 1
+    ema_decay: float | None = None
     seed: int | None = None  # reproducible noise and sampling: tests only (a known seed voids the guarantee)
 
     def __post_init__(self) -> None:
@@ -132,6 +147,15 @@ class DPSGDConfig:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.full_batch, bool):
+            raise ValueError(f"full_batch must be true or false, got {self.full_batch!r}")
+        check_multiplicity(self.augmentation_multiplicity)
+        if self.augmentation_multiplicity > 1 and self.grad_sample_mode not in MULTIPLICITY_MODES:
+            raise ValueError(
+                f"augmentation_multiplicity > 1 needs grad_sample_mode in {MULTIPLICITY_MODES} (the views of a case "
+                f"are averaged before clipping there), got {self.grad_sample_mode!r}"
+            )
+        check_ema_decay(self.ema_decay)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DPSGDConfig:
@@ -157,12 +181,13 @@ class DPSGDConfig:
                 f"(a δ that large allows leaking a whole case); use e.g. delta <= {0.1 / dataset_size:.1g}"
             )
 
-    def planned_total_steps(self, *, dataset_size: int, batch_size: int) -> int | None:
-        """Optimizer steps in the whole job (None if the config does not say)."""
+    def planned_total_steps(self, *, dataset_size: int, batch_size: int | None) -> int | None:
+        """Optimizer steps in the whole job (None if the config does not say); full batch: one per local epoch."""
         if self.planned_steps is not None:
             return int(self.planned_steps)
         if self.planned_rounds is not None and self.local_epochs is not None:
-            return int(self.planned_rounds) * int(self.local_epochs) * steps_per_epoch(dataset_size, batch_size)
+            per_epoch = 1 if self.full_batch else steps_per_epoch(dataset_size, batch_size)  # type: ignore[arg-type]
+            return int(self.planned_rounds) * int(self.local_epochs) * per_epoch
         return None
 
 
@@ -263,11 +288,16 @@ def _reject_batch_coupled_loss(loss_fn: Any) -> None:
 class _PerSampleGradModule(nn.Module):
     """Base of the engine's own per-sample gradient modes: the loss from :meth:`SitePrivacyEngine.wrap_loss`
     fills ``p.grad_sample`` (shape ``(B, *p.shape)``, the gradients of the per-sample losses) for Opacus's
-    ``DPOptimizer`` and returns their mean. In eval mode or without grad the module is the plain network."""
+    ``DPOptimizer`` and returns their mean. In eval mode or without grad the module is the plain network.
 
-    def __init__(self, module: nn.Module) -> None:
+    With ``views`` = K > 1 (augmentation multiplicity) a training batch is ``(B, K, C, ...)``: the forward returns
+    the ``B·K`` outputs and ``p.grad_sample`` holds, per case, the gradient of the mean of its K views' losses (the
+    average of their gradients), which the optimizer then clips: one case, one clipped contribution."""
+
+    def __init__(self, module: nn.Module, views: int = 1) -> None:
         super().__init__()
         self._module = module
+        self.views = check_multiplicity(views)
         self._trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         for _, p in self._trainable:
             p.grad_sample = None
@@ -275,6 +305,11 @@ class _PerSampleGradModule(nn.Module):
     def _check_batch(self, x: torch.Tensor) -> None:
         if int(x.shape[0]) == 0:
             raise ValueError("empty batch: the DP engine takes a noise-only step for an empty Poisson draw instead")
+        if self.views > 1 and (x.dim() < 3 or int(x.shape[1]) != self.views):
+            raise ValueError(
+                f"augmentation multiplicity {self.views}: a training batch must be (cases, {self.views} views, "
+                f"channels, ...), got shape {tuple(x.shape)} (iterate the engine's loader)"
+            )
 
     def _check_ready(self, batch: int, target: torch.Tensor) -> None:
         if int(target.shape[0]) != batch:
@@ -301,8 +336,8 @@ class VmapGradSampleModule(_PerSampleGradModule):
     without DP); the engine's loss then computes the gradients.
     """
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module)
+    def __init__(self, module: nn.Module, views: int = 1) -> None:
+        super().__init__(module, views)
         self._pending: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,7 +346,7 @@ class VmapGradSampleModule(_PerSampleGradModule):
         self._check_batch(x)
         self._pending = _plain_tensor(x)
         with torch.no_grad():
-            return self._module(self._pending)
+            return self._module(self._pending.flatten(0, 1) if self.views > 1 else self._pending)
 
     def compute_grad_samples(
         self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor
@@ -323,8 +358,11 @@ class VmapGradSampleModule(_PerSampleGradModule):
         self._check_ready(int(x.shape[0]), target)
         params = {n: p.detach() for n, p in self._trainable}
         module = self._module
+        views = self.views
 
         def sample_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
+            if views > 1:  # xi: (K, C, ...) one case's views; the loss is the mean of per-view terms
+                return loss_fn(torch.func.functional_call(module, p, (xi,)), ti).reshape(())
             return loss_fn(torch.func.functional_call(module, p, (xi[None],)), ti[None]).reshape(())
 
         grads, losses = torch.func.vmap(
@@ -350,8 +388,8 @@ class LoopGradSampleModule(_PerSampleGradModule):
     without DP); the engine's loss back-propagates each sample's loss alone into ``p.grad_sample``.
     """
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module)
+    def __init__(self, module: nn.Module, views: int = 1) -> None:
+        super().__init__(module, views)
         self._outputs: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -359,7 +397,8 @@ class LoopGradSampleModule(_PerSampleGradModule):
             return self._module(x)
         self._check_batch(x)
         x = _plain_tensor(x)
-        self._outputs = [self._module(x[i : i + 1]) for i in range(int(x.shape[0]))]
+        # one case at a time; with views, that case's K views run as one batch of K
+        self._outputs = [self._module(x[i] if self.views > 1 else x[i : i + 1]) for i in range(int(x.shape[0]))]
         return torch.cat([o.detach() for o in self._outputs])
 
     def compute_grad_samples(
@@ -374,7 +413,7 @@ class LoopGradSampleModule(_PerSampleGradModule):
         per_param: list[list[torch.Tensor]] = [[] for _ in params]
         losses = []
         for i, out in enumerate(outputs):
-            loss = loss_fn(out, target[i : i + 1]).reshape(())
+            loss = loss_fn(out, target[i] if self.views > 1 else target[i : i + 1]).reshape(())
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for j, (g, p) in enumerate(zip(grads, params)):
                 per_param[j].append(torch.zeros_like(p) if g is None else g)
@@ -417,6 +456,9 @@ class VmapLoss(nn.Module):
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         prediction, target = _plain_tensor(prediction), _plain_tensor(target)
+        views = self.module.views
+        if views > 1:  # (B, K, C, ...) -> (B·K, C, ...), the layout of the predictions
+            cases, target = int(target.shape[0]), target.flatten(0, 1)
         if self.onehot and target.shape[1] == 1:
             vtarget = nn.functional.one_hot(target[:, 0].long(), prediction.shape[1]).movedim(-1, 1).to(prediction)
         else:
@@ -434,6 +476,8 @@ class VmapLoss(nn.Module):
                     f"per-sample losses {float(mean):.6g}); DP-SGD's per-sample gradients would be wrong"
                 )
             self.verified = True
+        if views > 1:
+            vtarget = vtarget.unflatten(0, (cases, views))
         losses = self.module.compute_grad_samples(self.sample_loss_fn, vtarget)
         return losses.mean().requires_grad_(True)  # backward() of this leaf touches no weight
 
@@ -548,18 +592,24 @@ class SitePrivacyEngine:
         *,
         config: DPSGDConfig,
         dataset_size: int,
-        batch_size: int,
+        batch_size: int | None,
         state_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(config, DPSGDConfig):
             raise TypeError(f"config must be a DPSGDConfig (use DPSGDConfig.from_dict), got {type(config).__name__}")
         _int_at_least("dataset_size", dataset_size, 1)
-        _int_at_least("batch_size", batch_size, 1)
+        if config.full_batch and batch_size is not None:
+            raise ValueError(
+                f"full_batch uses every training case in every step (q = 1); a batch_size ({batch_size!r}) "
+                "contradicts it: remove batch_size, or set full_batch false"
+            )
+        if not config.full_batch:
+            _int_at_least("batch_size", batch_size, 1)
         config.check_dataset(dataset_size)
         self.config = config
         self.dataset_size = int(dataset_size)
-        self.batch_size = int(batch_size)
-        self.steps_per_epoch = steps_per_epoch(dataset_size, batch_size)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.steps_per_epoch = 1 if config.full_batch else steps_per_epoch(dataset_size, self.batch_size)  # type: ignore[arg-type]
         self.sample_rate = 1.0 / self.steps_per_epoch
         self.expected_batch_size = max(1, int(self.dataset_size * self.sample_rate))
         self.planned_steps = config.planned_total_steps(dataset_size=dataset_size, batch_size=batch_size)
@@ -583,7 +633,8 @@ class SitePrivacyEngine:
         self._module: nn.Module | None = None
         self._wrapped: nn.Module | None = None
         self._optimizer: DPOptimizer | None = None
-        self._loader: PoissonDataLoader | None = None
+        self._loader: PoissonDataLoader | FullBatchLoader | None = None
+        self.ema: IterateEMA | None = None
         # Poisson sampling (CPU) and noise (on the model's device, made in make_private) use the engine's own
         # generators. Without a config seed they are seeded from os.urandom: never from torch's global generator,
         # which a federated client seeds from the job config (reproducible initialisation) and which Opacus would
@@ -654,6 +705,10 @@ class SitePrivacyEngine:
             "dataset_size": self.dataset_size,
             "expected_batch_size": self.expected_batch_size,
             "grad_sample_mode": self.config.grad_sample_mode,
+            "full_batch": self.config.full_batch,
+            "augmentation_multiplicity": self.config.augmentation_multiplicity,
+            "ema_decay": self.config.ema_decay,
+            "trained_weights": self.trained_weights,
             "scope": SCOPE,
             "noise_source": self.noise_source,
             "not_covered": NOT_COVERED,
@@ -666,11 +721,24 @@ class SitePrivacyEngine:
             if self.planned_steps is not None
             else ""
         )
+        cfg = self.config
+        sampling = (
+            "full batch (every case, q = 1)" if cfg.full_batch else f"Poisson sample rate q={self.sample_rate:.3g}"
+        )
+        extras = (
+            f"; {cfg.augmentation_multiplicity} augmented views averaged per case before clipping (one case, "
+            "one privacy unit)"
+            if cfg.augmentation_multiplicity > 1
+            else ""
+        )
+        extras += (
+            f"; sends the EMA of its DP iterates (decay {cfg.ema_decay:g}, post-processing)" if cfg.ema_decay else ""
+        )
         return (
             f"DP-SGD ({SCOPE}): ε={self.epsilon:.3g} at δ={self.config.delta:g} ({self.config.accountant} "
             f"accountant) after {self.steps} steps{plan}; σ={self.noise_multiplier:.3g}, clip "
-            f"C={self.max_grad_norm:g}, Poisson sample rate q={self.sample_rate:.3g}. ε covers the weights this "
-            f"site sends. {NOT_COVERED}. Noise: {self.noise_source}."
+            f"C={self.max_grad_norm:g}, {sampling}{extras}. ε covers the weights this site sends. {NOT_COVERED}. "
+            f"Noise: {self.noise_source}."
         )
 
     # -- ledger ----------------------------------------------------------------------------------------------------
@@ -736,10 +804,19 @@ class SitePrivacyEngine:
         )
 
     # -- wrapping --------------------------------------------------------------------------------------------------
+    @property
+    def trained_weights(self) -> int | None:
+        """Scalar weights DP trains (``requires_grad``): the d of the noise's √d; None before make_private."""
+        return None if self._module is None else sum(p.numel() for p in self._module.parameters() if p.requires_grad)
+
     def make_private(
         self, *, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader
-    ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
-        """Wrap model (per-sample gradients), optimizer (clip + noise, accounted) and loader (Poisson). Once per job."""
+    ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader | FullBatchLoader]:
+        """Wrap model (per-sample gradients), optimizer (clip + noise, accounted) and loader (Poisson, or every case
+        with ``full_batch``; K views per case with ``augmentation_multiplicity``). Once per job.
+
+        Only parameters with ``requires_grad`` are trained: per-sample gradients, their norms, the clipping and the
+        noise cover those alone (a frozen weight gets no noise and counts in no norm)."""
         if self._optimizer is not None:
             raise RuntimeError("make_private is called once per job; reuse the objects it returned in every round")
         if isinstance(optimizer, DPOptimizer):
@@ -758,13 +835,20 @@ class SitePrivacyEngine:
                 f"the engine was set up for dataset_size={self.dataset_size} but the loader has {n} samples: "
                 "the sample rate and ε would be wrong"
             )
-        if data_loader.batch_size is not None and data_loader.batch_size != self.batch_size:
+        if self.config.full_batch:
+            pass  # the engine's loader takes every case; the given loader's batch size is not used
+        elif data_loader.batch_size is not None and data_loader.batch_size != self.batch_size:
             raise ValueError(
                 f"the engine was set up for batch_size={self.batch_size} but the loader uses {data_loader.batch_size}"
             )
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("every parameter of the model is frozen: DP-SGD would release noise and train nothing")
+        views = self.config.augmentation_multiplicity
+        if views > 1:
+            dataset = MultiViewDataset(dataset, views)
         mode = self.config.grad_sample_mode
         if mode in OWN_MODES:
-            wrapped: nn.Module = OWN_MODES[mode](model)
+            wrapped: nn.Module = OWN_MODES[mode](model, views)
         else:
             extra = {"max_grad_norm": self.max_grad_norm} if mode == "ghost" else {}
             wrapped = prepare_module(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **extra)
@@ -786,17 +870,29 @@ class SitePrivacyEngine:
             generator=self._noise_generator,
         )
         dp_optimizer.attach_step_hook(self._on_step)
-        loader = PoissonDataLoader(
-            dataset,
-            sample_rate=self.sample_rate,
-            num_batches=self.steps_per_epoch,
-            collate_fn=data_loader.collate_fn,
-            num_workers=data_loader.num_workers,
-            worker_init_fn=data_loader.worker_init_fn,
-            generator=self._sampling_generator,
-            on_empty=self._noise_only_step,
-            on_batch=self._on_batch,
-        )
+        loader: PoissonDataLoader | FullBatchLoader
+        if self.config.full_batch:
+            loader = FullBatchLoader(
+                dataset,
+                collate_fn=data_loader.collate_fn,
+                num_workers=data_loader.num_workers,
+                worker_init_fn=data_loader.worker_init_fn,
+                on_batch=self._on_batch,
+            )
+        else:
+            loader = PoissonDataLoader(
+                dataset,
+                sample_rate=self.sample_rate,
+                num_batches=self.steps_per_epoch,
+                collate_fn=data_loader.collate_fn,
+                num_workers=data_loader.num_workers,
+                worker_init_fn=data_loader.worker_init_fn,
+                generator=self._sampling_generator,
+                on_empty=self._noise_only_step,
+                on_batch=self._on_batch,
+            )
+        if self.config.ema_decay is not None:
+            self.ema = IterateEMA(model, optimizer, wrapped, decay=self.config.ema_decay)
         self._module, self._wrapped, self._optimizer, self._loader = model, wrapped, dp_optimizer, loader
         self.save_state()
         return wrapped, dp_optimizer, loader
@@ -926,6 +1022,8 @@ class SitePrivacyEngine:
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         self._pending_batches = 1
+        if self.ema is not None:
+            self.ema.use_iterate()  # the noise is added to the DP iterate, not to its average
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.empty_steps += 1

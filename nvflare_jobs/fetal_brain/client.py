@@ -34,8 +34,9 @@ from fetalseg.bundle import Bundle
 from fetalseg.data.loaders import Case
 from fetalseg.evaluation import evaluate_cases
 from fetalseg.labels import foreground_labels
+from fetalseg.local_part import NEVER_SENT, save_local_part, state_hash
 from fetalseg.metrics import nanmean
-from fetalseg.subspace import trainable_view
+from fetalseg.subspace import parameter_names, trainable_view
 from fetalseg.training import build_train_dataset, build_train_loader, train_epoch
 from nvflare_jobs.config import (
     CONFIG_FILE_NAME,
@@ -145,10 +146,13 @@ class SiteTrainer:
         state_dir = Path(os.environ.get(ENV_SITE_STATE) or Path.cwd() / "privacy_state")
         state_path = state_dir / f"dpsgd_{self.site}_{self.job_id}.json"
         try:
+            dp_config = DPSGDConfig.from_dict(settings)
+            # full-batch DP-GD takes every case in every step: a batch size set in the job contradicts it (an error)
+            batch_size = self.config.batch_size if dp_config.full_batch else self.batch_size
             self.privacy_engine = SitePrivacyEngine(
-                config=DPSGDConfig.from_dict(settings),
+                config=dp_config,
                 dataset_size=dataset_size,
-                batch_size=self.batch_size,
+                batch_size=batch_size,
                 state_path=state_path,
             )
             ledger_path = os.environ.get(ENV_PRIVACY_LEDGER)
@@ -193,10 +197,126 @@ class SiteTrainer:
 
     # -- one round ----------------------------------------------------------------------------------------------
     def load_global(self, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Load the global weights into the local model; return a CPU copy to diff against after training."""
+        """Load the global weights into the local model; return a CPU copy to diff against after training.
+
+        The site-local part (``local.parameters``) is taken from the global model only the first time (the job's
+        initial model); after that the site keeps its own, whatever the server sends for those keys.
+        """
         state = {k: v.detach().clone().cpu() for k, v in to_state_dict(params).items()}
+        kept = self._local_tensors() if getattr(self, "_last_global", None) is not None else {}
         self.model.load_state_dict(state, strict=True)
+        if kept:
+            with torch.no_grad():
+                params_now = dict(self.model.named_parameters())
+                for key, value in kept.items():
+                    params_now[key].copy_(value)
+        self._last_global = state
         return state
+
+    # -- the site-local part: learned here, never sent ----------------------------------------------------------
+    @property
+    def local_keys(self) -> list[str]:
+        """Model keys (``net.``-prefixed) of ``local.parameters``; never in an update, never overwritten by the
+        global model after the first round."""
+        keys = getattr(self, "_local_keys", None)
+        if keys is None:
+            keys = [f"net.{n}" for n in parameter_names(self.model.net, self.config.local_parameters)]
+            if self.config.trained_parameters != "all" and set(keys) & set(self.trained_keys):
+                # the job config refuses overlapping groups; this catches a group that shares weights with another
+                raise ValueError(
+                    f"local.parameters={self.config.local_parameters!r} shares weights with "
+                    f"training.trained_parameters={self.config.trained_parameters!r}: a local weight is never sent"
+                )
+            self._local_keys = keys
+        return keys
+
+    def _local_tensors(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {k: params[k].detach().cpu().clone() for k in self.local_keys}
+
+    def fine_tune_local(self) -> RoundStats | None:
+        """``local.fine_tune_epochs`` passes over the site's training cases, WITHOUT DP, training only the local part
+        on the last global model received. Only after the job's last update was sent: a non-private local part
+        must never shape anything that leaves the site."""
+        epochs = self.config.local_fine_tune_epochs
+        last = getattr(self, "_last_global", None)
+        if not epochs or not self.local_keys or last is None:
+            return None
+        kept = self._local_tensors()
+        self.model.load_state_dict(last, strict=True)  # the DP global model's shared weights ...
+        params = dict(self.model.named_parameters())
+        flags = {k: p.requires_grad for k, p in params.items()}
+        disable = getattr(self.train_model, "disable_hooks", None)  # Opacus' per-sample hooks: not needed here
+        if callable(disable):
+            disable()
+        with torch.no_grad():
+            for key, value in kept.items():  # ... with this site's local part
+                params[key].copy_(value)
+        for key, p in params.items():
+            p.requires_grad_(key in kept)
+        optimizer = self.bundle.optimizer([params[k] for k in self.local_keys])
+        loader = build_train_loader(self.bundle, dataset=self.loader.dataset, batch_size=self.batch_size)
+        total = RoundStats(0.0, 0, 0, 0.0)
+        try:
+            for _ in range(epochs):
+                stats = train_epoch(
+                    self.model,
+                    loader,
+                    optimizer,
+                    self.bundle.loss(),
+                    device=self.device,
+                    max_steps=self.config.max_steps_per_epoch,
+                )
+                total.loss += stats.loss * stats.steps
+                total.steps += stats.steps
+                total.samples += stats.samples
+                total.seconds += stats.seconds
+        finally:
+            for key, p in params.items():
+                p.requires_grad_(flags[key])
+        total.loss = total.loss / max(total.steps, 1)
+        self._fine_tuned = total
+        return total
+
+    def local_part_path(self) -> Path:
+        """``<FETALFL_SITE_STATE>/local_<site>_<job>.pt`` (the folder the DP engine keeps its state in)."""
+        state_dir = Path(os.environ.get(ENV_SITE_STATE) or Path.cwd() / "privacy_state")
+        return state_dir / f"local_{self.site}_{self.job_id}.pt"
+
+    def save_local_part(self, round_index: int, *, final: bool = False) -> Path | None:
+        """Write the local part (ONLY its tensors, bundle key names) and its provenance; None without one."""
+        if not self.local_keys:
+            return None
+        last = getattr(self, "_last_global", None)
+        tensors = {k[len("net.") :]: v for k, v in self._local_tensors().items()}
+        report = self.privacy_engine.report() if self.privacy_engine is not None else None
+        shared_privacy = (
+            {
+                "epsilon": report.get("epsilon"),
+                "delta": report.get("delta"),
+                "accountant": report.get("accountant"),
+                "privacy_unit": "one patient",
+                "mechanism": "DP-SGD",
+            }
+            if report is not None
+            else None
+        )
+        fine_tuned = getattr(self, "_fine_tuned", None)
+        return save_local_part(
+            tensors,
+            self.local_part_path(),
+            parameters=self.config.local_parameters,
+            origin="site-local",
+            site=self.site,
+            job_id=self.job_id,
+            round=int(round_index),
+            final=bool(final),
+            global_model_sha256=state_hash(last) if last is not None else None,
+            training_cases=len(self.train_cases),
+            fine_tune_epochs=self.config.local_fine_tune_epochs if fine_tuned is not None else 0,
+            learned="on this site's own cases, without DP (" + NEVER_SENT + ")",
+            shared_privacy=shared_privacy,
+        )
 
     @property
     def released(self) -> Any:
@@ -279,7 +399,8 @@ class SiteTrainer:
         self.view.merge_back()
         local = self.model.state_dict()
         keys = global_state if self.config.trained_parameters == "all" else self.trained_keys
-        return {k: (local[k].detach().cpu() - global_state[k]) for k in keys}
+        never_sent = set(self.local_keys)  # the site-local part (local.parameters) stays here
+        return {k: (local[k].detach().cpu() - global_state[k]) for k in keys if k not in never_sent}
 
 
 def _config_path(name: str) -> Path:
@@ -311,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     trainer = SiteTrainer(config, site, job_id=job_id)
     writer = SummaryWriter()
 
+    last_round = -1
     while flare.is_running():
         input_model = flare.receive()
         if input_model is None:
@@ -348,6 +470,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         loss = "" if trainer.released.dp else f", loss {stats.loss:.4f}"
         log.info("site %s round %d: %d steps%s, %s", site, rnd, stats.steps, loss, metrics)
         flare.send(flare.FLModel(params=diff, params_type=flare.ParamsType.DIFF, metrics=metrics, meta=meta))
+        trainer.save_local_part(rnd)  # after the send: the local part stays at the site
+        last_round = rnd
+    if trainer.fine_tune_local() is not None:  # nothing is sent after this point
+        log.info("site %s: local part fine-tuned without DP (never sent)", site)
+    trainer.save_local_part(last_round, final=True)
     trainer.finish()
 
 

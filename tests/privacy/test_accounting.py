@@ -150,3 +150,29 @@ def test_bad_target_parameters_raise(kwargs):
 def test_unreachable_target_is_refused_with_advice():
     with pytest.raises(ValueError, match="raise the target"):
         noise_multiplier_for_epsilon(target_epsilon=1e-6, sample_rate=1.0, steps=10_000, delta=1e-5)
+
+
+def test_new_plans_default_to_prv():
+    from privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA
+
+    assert DEFAULT_ACCOUNTANT == "prv" and DEFAULT_DELTA == 1e-5
+    kw = {"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 1000, "delta": 1e-5}
+    assert epsilon(**kw) == epsilon(**kw, accountant="prv")
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_noise_search_is_opacus_get_noise_multiplier(accountant):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    kw = {"sample_rate": 1.0, "steps": 100}
+    ours = noise_multiplier_for_epsilon(target_epsilon=8.0, delta=1e-5, accountant=accountant, **kw)
+    theirs = get_noise_multiplier(
+        target_epsilon=8.0, target_delta=1e-5, accountant=accountant, epsilon_tolerance=0.08, **kw
+    )
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+def test_full_batch_prv_is_tighter_than_rdp():
+    """q = 1 (full-batch DP-GD): the two accountants' σ for ε = 8 over 100 steps."""
+    kw = {"target_epsilon": 8.0, "sample_rate": 1.0, "steps": 100, "delta": 1e-5}
+    assert noise_multiplier_for_epsilon(**kw, accountant="prv") < noise_multiplier_for_epsilon(**kw, accountant="rdp")

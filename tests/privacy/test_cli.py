@@ -93,13 +93,12 @@ def test_epsilon_and_noise_calculators(capsys):
         run(["privacy", "epsilon", "--noise", "1.0", "--sample-rate", "0.05", "--steps", "1000", "--delta", "1e-5"])
         == 0
     )
+    assert "ε = 10.99" in capsys.readouterr().out  # the default accountant is PRV (RDP: 11.9)
+    args = ["--noise", "1.0", "--sample-rate", "0.05", "--steps", "1000", "--delta", "1e-5", "--accountant", "rdp"]
+    assert run(["privacy", "epsilon", *args]) == 0
     assert "ε = 11.9" in capsys.readouterr().out
-    assert (
-        run(
-            ["privacy", "noise", "--target-epsilon", "6", "--sample-rate", "0.05", "--steps", "1000", "--delta", "1e-5"]
-        )
-        == 0
-    )
+    noise = ["--target-epsilon", "6", "--sample-rate", "0.05", "--steps", "1000", "--delta", "1e-5"]
+    assert run(["privacy", "noise", *noise, "--accountant", "rdp"]) == 0
     assert "σ = 1.5" in capsys.readouterr().out
     assert (
         run(["privacy", "epsilon", "--noise", "-1", "--sample-rate", "0.05", "--steps", "10", "--delta", "1e-5"])

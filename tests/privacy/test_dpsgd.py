@@ -456,10 +456,10 @@ def test_report_and_summary_say_what_is_not_covered(tiny_bundle, make_loader):
 
 def test_engine_reserves_its_plan_and_releases_the_rest(tiny_bundle, make_loader, ledger_path):
     ledger = SiteLedger.init(ledger_path, epsilon_budget=20.0, delta_budget=1e-2)
-    engine = _engine(planned_steps=6)
+    engine = _engine(planned_steps=6, accountant="rdp")  # the ε values below are RDP's (the default is PRV)
     status = engine.reserve(ledger, dataset_id="site-1/data", job_id="job-a")
     assert status.reserved_epsilon == pytest.approx(engine.planned_epsilon)
-    other = _engine(planned_steps=6, noise_multiplier=0.5)  # a larger ε than what is left beside job-a
+    other = _engine(planned_steps=6, noise_multiplier=0.5, accountant="rdp")  # larger ε than is left beside job-a
     assert engine.planned_epsilon + other.planned_epsilon > 20.0 > other.planned_epsilon
     with pytest.raises(PrivacyBudgetExceeded):
         other.reserve(ledger, dataset_id="site-1/data", job_id="job-b")
@@ -474,3 +474,105 @@ def test_engine_reserves_its_plan_and_releases_the_rest(tiny_bundle, make_loader
     after = SiteLedger(ledger_path).dataset_status("site-1/data")
     assert after.reserved_epsilon == 0.0 and after.spent.epsilon == pytest.approx(engine.epsilon)
     assert engine.release(ledger, dataset_id="site-1/data", job_id="job-a") == 0.0  # idempotent at the end
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small-N DP: defaults, full-batch DP-GD, frozen parameters
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_new_configs_default_to_prv_and_delta_1e_5():
+    cfg = DPSGDConfig(noise_multiplier=1.0)
+    assert cfg.accountant == "prv" and cfg.delta == 1e-5
+    assert DPSGDConfig(noise_multiplier=1.0, accountant="rdp").accountant == "rdp"  # still selectable
+
+
+@pytest.mark.parametrize("batch_size", [2, 6])
+def test_full_batch_with_a_batch_size_is_refused(batch_size):
+    with pytest.raises(ValueError, match="full_batch"):
+        SitePrivacyEngine(
+            config=DPSGDConfig(noise_multiplier=1.0, full_batch=True), dataset_size=6, batch_size=batch_size
+        )
+
+
+def test_full_batch_must_be_a_boolean():
+    with pytest.raises(ValueError, match="full_batch"):
+        DPSGDConfig(noise_multiplier=1.0, full_batch="yes")
+
+
+def test_full_batch_plans_one_step_per_local_epoch_at_q_one():
+    from privacy.accounting import noise_multiplier_for_epsilon
+
+    cfg = DPSGDConfig(target_epsilon=8.0, planned_rounds=5, local_epochs=4, full_batch=True)
+    engine = SitePrivacyEngine(config=cfg, dataset_size=40, batch_size=None)
+    assert engine.sample_rate == 1.0 and engine.steps_per_epoch == 1 and engine.expected_batch_size == 40
+    assert engine.planned_steps == 20
+    assert engine.noise_multiplier == noise_multiplier_for_epsilon(
+        target_epsilon=8.0, sample_rate=1.0, steps=20, delta=1e-5, accountant="prv"
+    )
+    assert engine.planned_epsilon <= 8.0
+
+
+def test_full_batch_step_takes_every_case(tiny_bundle, site_dataset, make_loader):
+    engine = SitePrivacyEngine(
+        config=DPSGDConfig(noise_multiplier=1.0, delta=1e-3, full_batch=True, seed=0),
+        dataset_size=len(site_dataset),
+        batch_size=None,
+    )
+    net = tiny_bundle.network()
+    model, optimizer, loader = engine.make_private(
+        model=net, optimizer=tiny_bundle.optimizer(net.parameters()), data_loader=make_loader(2)
+    )
+    assert len(loader) == 1
+    stats = train_epoch(model, loader, optimizer, engine.wrap_loss(tiny_bundle.loss()))
+    assert stats.steps == 1 and stats.samples == len(site_dataset)
+    assert engine.history == [(1.0, 1.0, 1)]
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_frozen_weights_get_no_noise(tiny_bundle, mode):
+    """All but the ``norm`` group frozen (as fetalseg.subspace does), the optimizer holding every parameter (as a
+    client builds it): a step with large noise changes the norm weights only."""
+    from fetalseg import subspace
+    from tests.privacy.small_dp import NoisyViews, one_step_engine
+
+    torch.manual_seed(0)
+    net = tiny_bundle.network()
+    names = set(subspace.parameter_names(net, "norm"))
+    subspace.freeze_except(net, names)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    engine, model, opt, loader = one_step_engine(
+        net, NoisyViews(2, dtype=torch.float32), noise_multiplier=10.0, max_grad_norm=1.0, grad_sample_mode=mode
+    )
+    train_epoch(model, loader, opt, engine.wrap_loss(tiny_bundle.loss()))
+    for n, p in net.named_parameters():
+        assert torch.equal(p.detach(), before[n]) != (n in names), n
+    assert engine.trained_weights == subspace.count(net, names) == engine.report()["trained_weights"]
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_per_sample_norms_count_only_trained_weights(tiny_bundle, mode):
+    """One case, σ ≈ 0, SGD lr 1, clipped: the update over the norm weights has norm exactly C. Had the frozen
+    weights' gradients counted in the per-sample norm, the clip factor (and the update) would be smaller."""
+    from fetalseg import subspace
+    from tests.privacy.small_dp import NoisyViews, flat, one_step_engine
+
+    torch.manual_seed(0)
+    net = tiny_bundle.network().double()
+    names = subspace.parameter_names(net, "norm")
+    trained = subspace.freeze_except(net, names)
+    start = [p.detach().clone() for p in trained]
+    data = NoisyViews(1)
+    c = 1e-3
+    engine, model, opt, loader = one_step_engine(net, data, max_grad_norm=c, grad_sample_mode=mode)
+    train_epoch(model, loader, opt, engine.wrap_loss(tiny_bundle.loss()))
+    update = flat(p.detach() - s for p, s in zip(trained, start, strict=True))
+    assert float(torch.linalg.vector_norm(update)) == pytest.approx(c, rel=1e-4)
+    # the norm over every weight is far larger: counting it would have shrunk the update
+    full = tiny_bundle.network().double()
+    full.load_state_dict({**net.state_dict(), **{n: s for n, s in zip(names, start, strict=True)}})
+    v = data.view(0, 0)
+    tiny_bundle.loss()(full(v["image"][None]), v["label"][None]).backward()
+    all_norm = torch.linalg.vector_norm(flat(p.grad for p in full.parameters()))
+    norm_only = torch.linalg.vector_norm(flat(p.grad for n, p in full.named_parameters() if n in set(names)))
+    assert all_norm > 2 * norm_only > 2 * c
