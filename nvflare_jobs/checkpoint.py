@@ -34,6 +34,26 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare_jobs.fetal_brain.model import save_bundle_checkpoint
 
 BEST_CHECKPOINT_NAME = "fetal_brain_best.pt"
+
+
+def refuse_local_parts(path: str | Path) -> None:
+    """Raise ``ValueError`` if the checkpoint at ``path`` holds a site's local part (the part file itself, a model
+    with one merged in, or the app's own fine-tune): such weights were learned without DP and never leave the site,
+    so they must not become a job's initial model that every site receives."""
+    from fetalseg.local_part import NEVER_SENT, holds_local_parts
+
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception:  # not a loadable checkpoint: the job build's own check says why (write_initial_model)
+        return
+    info = {k: v for k, v in ckpt.items() if k != "model"} if isinstance(ckpt, Mapping) else {}
+    if holds_local_parts(info):
+        raise ValueError(
+            f"{path} holds a site's local part ({NEVER_SENT}: learned without DP at {info.get('site', 'a site')}); "
+            "it cannot be shipped with a job. Use the shared global checkpoint (e.g. fetal_brain_best.pt)"
+        )
+
+
 CSE_PREFIX = "SRV_"  # how CrossSiteModelEval names the server's models
 
 
@@ -112,10 +132,11 @@ class BundleCheckpointWriter(FLComponent):
         sidecar = {**info, "bundle_overrides": self.bundle_overrides, "checkpoint": path.name}
         path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
         self._written = info
+        score = info[self.key_metric]
         self.log_info(
             fl_ctx,
             f"bundle checkpoint {path}: global model after {info['round']} round(s), "
-            f"{self.key_metric}={info[self.key_metric]:.4f} ({info['selected_by']})",
+            f"{self.key_metric}={'not scored' if score is None else f'{score:.4f}'} ({info['selected_by']})",
         )
 
     def _on_new_best(self, fl_ctx: FLContext) -> None:
@@ -151,7 +172,7 @@ class BundleCheckpointWriter(FLComponent):
         final = self._cse.get(CSE_PREFIX + DefaultCheckpointFileName.GLOBAL_MODEL)
         if not final:
             if self._written is None:  # no Dice ever arrived (DP sites withhold them): keep the last round's model
-                self._save_final(fl_ctx, nan=float("nan"))
+                self._save_last_round(fl_ctx)
             return
         best = self._cse.get(CSE_PREFIX + DefaultCheckpointFileName.BEST_GLOBAL_MODEL, {})
         final_score = cross_site_score(final, key=self.key_metric)
@@ -162,7 +183,7 @@ class BundleCheckpointWriter(FLComponent):
         if self._written is not None and not final_score > best_score:
             return
         if self._written is None and not math.isfinite(final_score):  # no Dice at all (DP sites withhold them)
-            self._save_final(fl_ctx, nan=final_score)
+            self._save_last_round(fl_ctx)
             return
         source = self._path(fl_ctx).with_name(DefaultCheckpointFileName.GLOBAL_MODEL)
         if not source.is_file():
@@ -177,7 +198,7 @@ class BundleCheckpointWriter(FLComponent):
         }
         self._save(fl_ctx, weights, info)
 
-    def _save_final(self, fl_ctx: FLContext, *, nan: float) -> None:
+    def _save_last_round(self, fl_ctx: FLContext) -> None:
         """No site sent a validation Dice (DP-SGD sites withhold data-dependent metrics unless they are noised and
         accounted, docs/privacy.md): there is nothing to select on, so the last round's global model is kept."""
         source = self._path(fl_ctx).with_name(DefaultCheckpointFileName.GLOBAL_MODEL)
@@ -187,7 +208,7 @@ class BundleCheckpointWriter(FLComponent):
         weights = torch.load(source, map_location="cpu", weights_only=False)["model"]
         info = {
             "round": self._last_round + 1,
-            self.key_metric: nan,
+            self.key_metric: None,  # not scored (JSON null: a NaN would break every JSON reader of the metadata)
             "selected_by": "last round (no validation metric received: the sites withhold them under DP-SGD)",
         }
         self._save(fl_ctx, weights, info)

@@ -94,6 +94,10 @@ def _config(path: Path, data_root: Path | None = None) -> Any:
         config = config.with_changes(data={"root": str(data_root.resolve())})
     elif config.data_root and not Path(config.data_root).is_absolute():
         config = config.with_changes(data={"root": str(Path(config.data_root).resolve())})
+    if config.initial_checkpoint and Path(config.initial_checkpoint).is_file():
+        from nvflare_jobs.checkpoint import refuse_local_parts
+
+        refuse_local_parts(config.initial_checkpoint)  # every exit of a job (run, export, check) goes through here
     return config
 
 

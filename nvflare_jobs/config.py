@@ -204,6 +204,41 @@ def _check_trained_parameters(spec: Any) -> str:
     return spec
 
 
+def _check_local(local: Any, trained_parameters: str) -> tuple[str, int]:
+    """``local``: the site-local part (``parameters``: structural groups never sent, FedBN-style; ``fine_tune_epochs``:
+    passes over the site's training cases, without DP, that train only that part once the job's last update has been
+    sent). A local group that is also sent would be both shared and private: refused here, before training."""
+    from fetalseg.subspace import ALL, NONE, split_spec
+
+    if local is None:
+        return NONE, 0
+    if not isinstance(local, Mapping):
+        raise ConfigError(f"local must be an object such as {{'parameters': 'norm'}}, got {local!r}")
+    _check_keys("local", local, ["parameters", "fine_tune_epochs"])
+    spec = local.get("parameters", NONE)
+    try:
+        groups = split_spec(spec)
+    except ValueError as e:
+        raise ConfigError(f"local.parameters: {e}") from None
+    spec = "+".join(groups)
+    if groups == [ALL]:
+        raise ConfigError("local.parameters='all' would leave nothing to federate; name groups such as 'norm'")
+    epochs = _int("local.fine_tune_epochs", local.get("fine_tune_epochs", 0), low=0)
+    if groups == [NONE]:
+        if epochs:
+            raise ConfigError("local.fine_tune_epochs needs local.parameters (the part the fine-tune trains)")
+        return NONE, 0
+    if ":" not in trained_parameters:  # group specs; lora/pgrad adapters live on convolution weights
+        sent = set(split_spec(trained_parameters)) - {ALL}
+        overlap = sorted(sent & set(groups))
+        if overlap:
+            raise ConfigError(
+                f"local.parameters={spec!r} overlaps training.trained_parameters={trained_parameters!r} in {overlap}: "
+                "a local group is never sent; remove it from one of them"
+            )
+    return spec, epochs
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """A validated job config; build it with :func:`load_config` or :meth:`JobConfig.from_dict`."""
@@ -240,6 +275,9 @@ class JobConfig:
     initial_checkpoint: str | None = None
     # what each site trains and sends (fetalseg.subspace spec: "all", "norm+bias+head", "lora:4", ...)
     trained_parameters: str = "all"
+    # the site-local part (never sent): fetalseg.subspace groups, and non-DP fine-tune passes after the job
+    local_parameters: str = "none"
+    local_fine_tune_epochs: int = 0
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
@@ -247,7 +285,7 @@ class JobConfig:
         d = copy.deepcopy(dict(d))
         top = ["name", "algorithm", "num_rounds", "min_clients", "sites", "scope", "bundle_overrides", "data",
                "training", "privacy", "server", "tracking", "cross_site_eval", "runtime", "description",
-               "initial_checkpoint"]  # fmt: skip
+               "initial_checkpoint", "local"]  # fmt: skip
         _check_keys("config", d, top)
 
         name = d.get("name", "fetal_brain")
@@ -306,6 +344,7 @@ class JobConfig:
             "training", training, ["local_epochs", "max_steps_per_epoch", "batch_size", "seed", "trained_parameters"]
         )
         trained_parameters = _check_trained_parameters(training.get("trained_parameters", "all"))
+        local_parameters, local_fine_tune_epochs = _check_local(d.get("local"), trained_parameters)
         local_epochs = _int("training.local_epochs", training.get("local_epochs", 1), low=1)
         max_steps = training.get("max_steps_per_epoch")
         if max_steps is not None:
@@ -434,6 +473,8 @@ class JobConfig:
             init_seed=init_seed,
             initial_checkpoint=initial_checkpoint,
             trained_parameters=trained_parameters,
+            local_parameters=local_parameters,
+            local_fine_tune_epochs=local_fine_tune_epochs,
         )
 
     # ------------------------------------------------------------------------------------------------------

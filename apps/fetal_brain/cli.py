@@ -75,7 +75,12 @@ def _store(args: argparse.Namespace) -> Any:
 
     config = AppConfig.from_conf(dict(_conf(args)))
     bundle = config.bundle("inference")
-    return ModelStore(config.resolved_model_path(bundle), bundle=bundle, device=config.device)
+    return ModelStore(
+        config.resolved_model_path(bundle),
+        bundle=bundle,
+        device=config.device,
+        local_part_path=config.resolved_local_part_path(bundle),
+    )
 
 
 def _print_json(data: Any) -> None:
@@ -115,18 +120,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_local_part(path: Path, store: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The site's local part at ``path``, checked (strictly) against the bundle's network before anything is
+    installed."""
+    from fetalseg.local_part import apply_local_part, read_local_part
+
+    tensors, info = read_local_part(path)
+    apply_local_part(store.untrained_network(), tensors, source=path.name)
+    return tensors, info
+
+
+def _refuse_local_as_served(source: str, trust_pickle: bool) -> None:
+    """The served checkpoint is what ``GET /model`` hands out: a checkpoint holding a local part never goes there."""
+    from apps.fetal_brain.lib.exchange import find_checkpoint
+    from apps.fetal_brain.lib.model_store import read_checkpoint
+    from fetalseg.local_part import NEVER_SENT, holds_local_parts
+
+    path = find_checkpoint(source)
+    _, info = read_checkpoint(path, trust_pickle=trust_pickle)
+    if holds_local_parts(info):
+        raise ValueError(
+            f"{path.name} holds a site's local part ({NEVER_SENT}); install the federated global checkpoint as the "
+            "model and this site's own local part with --local"
+        )
+
+
 def cmd_install_model(args: argparse.Namespace) -> int:
     from apps.fetal_brain.lib.exchange import install_model
+    from fetalseg.local_part import save_local_part
 
+    store = _store(args)
+    _refuse_local_as_served(args.source, args.trust_pickle)
+    local = _checked_local_part(Path(args.local), store) if args.local else None
     described = install_model(
         args.source,
-        store=_store(args),
+        store=store,
         origin=args.origin,
         job_id=args.job_id,
         fl_round=args.round,
         trust_pickle=args.trust_pickle,
         allow_grid_mismatch=args.allow_grid_mismatch,
     )
+    if local is not None:  # this site's own install: the local part stays on this machine, beside the global model
+        tensors, info = local
+        carried = {k: v for k, v in info.items() if k not in {"part", "sharing", "parameters", "keys"}}
+        save_local_part(
+            tensors,
+            store.local_part_path,
+            parameters=str(info.get("parameters")),
+            **carried,
+            installed_from=str(Path(args.local).resolve()),
+        )
+        described = store.describe()
     _print_json(described)
     return 0
 
@@ -238,12 +283,17 @@ def register(subparsers: Any) -> None:
 
     install = sub.add_parser(
         "install-model",
-        help="install a federated global model as the served model",
+        help="install a federated global model (+ this site's local part) as the served model",
         description="Check that a checkpoint (file, or the folder of a finished NVFlare job holding "
         "FL_global_model.pt) loads into the bundle's network and gives finite output, then make it the served "
         "model atomically, recording its origin. A running server picks it up on its next inference.",
     )
     install.add_argument("source", help="checkpoint file or finished NVFlare job folder")
+    install.add_argument(
+        "--local",
+        help="this site's local part (local_<site>_<job>.pt in the site's FETALFL_SITE_STATE folder): installed "
+        "beside the global model and served with it, never handed out",
+    )
     install.add_argument("--origin", help="where it came from (default: from the checkpoint, else 'federated')")
     install.add_argument("--job-id", help="NVFlare job id (default: from the checkpoint)")
     install.add_argument("--round", type=int, help="federated round (default: from the checkpoint)")

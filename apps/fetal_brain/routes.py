@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import BackgroundTasks, Body, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from monailabel.endpoints import activelearning as stock_activelearning
 from monailabel.endpoints import train as stock_train
 from monailabel.endpoints.infer import send_response
@@ -38,6 +38,7 @@ from apps.fetal_brain.lib.errors import (
     UnprocessableError,
 )
 from apps.fetal_brain.lib.ids import check_id, check_tag
+from apps.fetal_brain.lib.model_store import read_checkpoint
 from apps.fetal_brain.lib.uploads import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIXES,
@@ -52,6 +53,7 @@ from apps.fetal_brain.lib.uploads import (
 from apps.fetal_brain.lib.volumes import image_geometry
 from fetalseg.data.io import stem_of
 from fetalseg.data.validation import DataValidationError
+from fetalseg.local_part import NEVER_SENT, holds_local_parts
 
 log = logging.getLogger(__name__)
 
@@ -362,5 +364,24 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
             audit_path, "train_requested", user=user, role=role, task="*", params=params, model=_served_model(instance)
         )
         return await run_in_threadpool(stock_train.run, params, run_sync)
+
+    @front.get("/model/{model}")
+    async def download_model(model: str) -> Any:
+        """The served model's SHARED part only: the global checkpoint file, never the site's local part (a separate
+        file) and never a model fine-tuned here (learned from this site's cases without DP): those are refused."""
+        instance = app_instance()
+        if model not in instance.info_models():
+            raise NotFoundError(f"no model {model!r}; available: {instance.info_models()}")
+        store = instance.store
+        if not store.path.is_file():
+            raise NotFoundError(f"model {model!r} has no checkpoint yet (the server runs untrained weights)")
+        _, info = await run_in_threadpool(read_checkpoint, store.path)
+        if holds_local_parts(info):
+            raise InputError(
+                f"the served model holds this site's local part ({NEVER_SENT}; learned without DP from this site's "
+                "cases): it is not handed out. Share the federated global checkpoint instead",
+                status=403,
+            )
+        return FileResponse(store.path, media_type="application/octet-stream", filename=f"{model}.pt")
 
     return front

@@ -236,12 +236,14 @@ class SiteTrainer:
 
     def fine_tune_local(self) -> RoundStats | None:
         """``local.fine_tune_epochs`` passes over the site's training cases, WITHOUT DP, training only the local part
-        on the last global model received. Only after the job's last update was sent: a non-private local part
-        must never shape anything that leaves the site."""
+        on the last global model received. Only after the job's last update was sent, and the result goes only to
+        the local-part file: the model keeps its previous weights, so nothing the site still sends (cross-site
+        evaluation) depends on a part learned without DP."""
         epochs = self.config.local_fine_tune_epochs
         last = getattr(self, "_last_global", None)
         if not epochs or not self.local_keys or last is None:
             return None
+        before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         kept = self._local_tensors()
         self.model.load_state_dict(last, strict=True)  # the DP global model's shared weights ...
         params = dict(self.model.named_parameters())
@@ -274,9 +276,22 @@ class SiteTrainer:
         finally:
             for key, p in params.items():
                 p.requires_grad_(flags[key])
+            self._fine_tuned_local = self._local_tensors()
+            self.model.load_state_dict(before, strict=True)
         total.loss = total.loss / max(total.steps, 1)
         self._fine_tuned = total
         return total
+
+    def finish_local(self, round_index: int) -> Path | None:
+        """Once the job's last update has been sent: the non-DP fine-tune, then the final local-part file. Called
+        right after the last training round's send (a simulator or POC client may be stopped before its loop
+        ends), and again after the loop (then it does nothing)."""
+        if getattr(self, "_local_finished", False):
+            return None
+        self._local_finished = True
+        if self.fine_tune_local() is not None:
+            log.info("site %s: local part fine-tuned without DP (never sent)", self.site)
+        return self.save_local_part(round_index, final=True)
 
     def local_part_path(self) -> Path:
         """``<FETALFL_SITE_STATE>/local_<site>_<job>.pt`` (the folder the DP engine keeps its state in)."""
@@ -288,7 +303,8 @@ class SiteTrainer:
         if not self.local_keys:
             return None
         last = getattr(self, "_last_global", None)
-        tensors = {k[len("net.") :]: v for k, v in self._local_tensors().items()}
+        fine_tuned = getattr(self, "_fine_tuned_local", None) if final else None
+        tensors = {k[len("net.") :]: v for k, v in (fine_tuned or self._local_tensors()).items()}
         report = self.privacy_engine.report() if self.privacy_engine is not None else None
         shared_privacy = (
             {
@@ -301,7 +317,6 @@ class SiteTrainer:
             if report is not None
             else None
         )
-        fine_tuned = getattr(self, "_fine_tuned", None)
         return save_local_part(
             tensors,
             self.local_part_path(),
@@ -472,9 +487,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         flare.send(flare.FLModel(params=diff, params_type=flare.ParamsType.DIFF, metrics=metrics, meta=meta))
         trainer.save_local_part(rnd)  # after the send: the local part stays at the site
         last_round = rnd
-    if trainer.fine_tune_local() is not None:  # nothing is sent after this point
-        log.info("site %s: local part fine-tuned without DP (never sent)", site)
-    trainer.save_local_part(last_round, final=True)
+        if rnd + 1 >= config.num_rounds:  # the job's last update has been sent
+            trainer.finish_local(rnd)
+    trainer.finish_local(last_round)
     trainer.finish()
 
 

@@ -76,7 +76,12 @@ class FetalBrainApp(MONAILabelApp):
         bundle = self.app_config.bundle("inference")
         self.bundle = bundle
         model_path = self.app_config.resolved_model_path(bundle)
-        self.store = ModelStore(model_path, bundle=bundle, device=self.app_config.device)
+        self.store = ModelStore(
+            model_path,
+            bundle=bundle,
+            device=self.app_config.device,
+            local_part_path=self.app_config.resolved_local_part_path(bundle),
+        )
         self.activity = Activity()
         super().__init__(
             app_dir=app_dir,

@@ -17,6 +17,9 @@ Keys (all optional):
   model grid turns many overlapping windows into one.
 * ``model_path``: the served checkpoint (default: the bundle's ``models/model.pt``); training publishes there and
   ``fetal-fl app install-model`` installs there.
+* ``local_part_path``: this site's local part (``fetalseg.local_part``: weights learned from the site's own cases,
+  never sent), loaded over the served global checkpoint; ``fetal-fl app install-model --local`` installs it there.
+  Unset: the bundle's ``models/local_part.pt`` if that file exists, else none.
 * ``device``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:N``.
 * ``max_upload_mb`` (default 1024): larger uploads get HTTP 413.
 * ``infer_workers`` (default 1): inferences that run at the same time; more queue (other requests never do).
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "FETAL_BRAIN_"
 MODEL_NAME = "fetal_brain_seg"
+LOCAL_PART_FILE = "local_part.pt"
 PUBLISH_POLICIES = ("if_better", "always")
 # keys MONAI Label itself (or its sample apps) put into conf; accepted without a warning
 _MONAILABEL_KEYS = {"server_mode", "models", "preload", "skip_trainers", "skip_strategies", "skip_scoring"}
@@ -70,6 +74,7 @@ _KEYS = {
     "infer_roi_size",
     "bundle_overrides",
     "model_path",
+    "local_part_path",
     "device",
     "max_upload_mb",
     "infer_workers",
@@ -92,6 +97,7 @@ class AppConfig:
     variant: str | None = None
     bundle_overrides: dict[str, Any] = field(default_factory=dict)
     model_path: Path | None = None
+    local_part_path: Path | None = None
     device: str = "cpu"
     max_upload_bytes: int = 1024 * 2**20
     infer_workers: int = 1
@@ -131,6 +137,7 @@ class AppConfig:
         if publish not in PUBLISH_POLICIES:
             raise ValueError(f"train_publish must be one of {PUBLISH_POLICIES}, got {publish!r}")
         model_path = raw.get("model_path")
+        local_part_path = raw.get("local_part_path")
         variant = str(raw["variant"]).strip() if raw.get("variant") not in (None, "") else None
         if variant is not None and variant not in variants():
             raise ValueError(f"unknown bundle variant {variant!r}; available: {', '.join(variants()) or 'none'}")
@@ -138,6 +145,7 @@ class AppConfig:
             variant=variant,
             bundle_overrides=overrides,
             model_path=Path(str(model_path)).expanduser().resolve() if model_path else None,
+            local_part_path=Path(str(local_part_path)).expanduser().resolve() if local_part_path else None,
             device=_device(str(raw.get("device", "auto"))),
             max_upload_bytes=int(_number(raw.get("max_upload_mb", 1024), "max_upload_mb", float, low=0.001) * 2**20),
             infer_workers=int(_number(raw.get("infer_workers", 1), "infer_workers", int, low=1, high=16)),
@@ -170,6 +178,12 @@ class AppConfig:
         if self.model_path is not None:
             return self.model_path
         return (bundle or self.bundle("common")).checkpoint_path
+
+    def resolved_local_part_path(self, bundle: Bundle | None = None) -> Path:
+        """Where this site's local part lives: ``local_part_path`` or ``local_part.pt`` beside the served model."""
+        if self.local_part_path is not None:
+            return self.local_part_path
+        return self.resolved_model_path(bundle).with_name(LOCAL_PART_FILE)
 
 
 def _json_object(value: Any, name: str) -> dict[str, Any]:

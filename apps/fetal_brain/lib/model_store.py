@@ -6,6 +6,10 @@ Training (in MONAI Label's subprocess), ``fetal-fl app install-model`` and the s
 mtime, so an inference always loads one whole model, old or new, never half of each.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: a model file from elsewhere cannot run code here.
+
+A site's local part (:mod:`fetalseg.local_part`: weights learned from the site's own cases, never sent) lives in its
+own file beside the served checkpoint and is loaded over it; the served file itself stays the shared global model,
+so what may leave the site (``GET /model``) and what may not are two different files.
 """
 
 from __future__ import annotations
@@ -23,8 +27,16 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from apps.fetal_brain.lib.config import LOCAL_PART_FILE
 from apps.fetal_brain.lib.errors import InputError, UnprocessableError
 from fetalseg.bundle import Bundle, save_checkpoint
+from fetalseg.local_part import (
+    NEVER_SENT,
+    LocalPartError,
+    apply_local_part,
+    holds_local_parts,
+    read_local_part,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +51,7 @@ class LoadedModel:
 
     network: torch.nn.Module
     info: dict[str, Any]
-    stamp: tuple[int, int, int] | None
+    stamp: tuple[int, ...] | None
 
 
 def utc_now() -> str:
@@ -144,25 +156,45 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class ModelStore:
     """The served checkpoint at ``path`` for ``bundle``'s network (thread-safe; cheap to call per request)."""
 
-    def __init__(self, path: str | Path, *, bundle: Bundle, device: str = "cpu") -> None:
+    def __init__(
+        self, path: str | Path, *, bundle: Bundle, device: str = "cpu", local_part_path: str | Path | None = None
+    ) -> None:
         self.path = Path(path)
+        self.local_part_path = Path(local_part_path) if local_part_path else self.path.with_name(LOCAL_PART_FILE)
         self.bundle = bundle
         self.device = device
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
-        self._describe_cache: tuple[tuple[int, int, int] | None, dict[str, Any]] | None = None
+        self._describe_cache: tuple[tuple[int, ...] | None, dict[str, Any]] | None = None
 
     # -- reading --------------------------------------------------------------------------------------------------
-    def stamp(self) -> tuple[int, int, int] | None:
-        """(inode, mtime ns, size) of the checkpoint, or None when there is none: changes on every publish."""
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
+    def stamp(self) -> tuple[int, ...] | None:
+        """(inode, mtime ns, size) of the checkpoint (then of the local part, if any), or None when there is neither:
+        changes on every publish or install."""
+        own, local = _file_stamp(self.path), _file_stamp(self.local_part_path)
+        if own is None and local is None:
             return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return (*(own or (0, 0, 0)), *(local or ()))
+
+    def local_part(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(tensors, info) of this site's local part, or None when there is none."""
+        if not self.local_part_path.is_file():
+            return None
+        try:
+            return read_local_part(self.local_part_path)
+        except Exception as exc:
+            raise UnprocessableError(f"local part {self.local_part_path.name}: cannot be loaded ({exc})") from exc
 
     def untrained_network(self) -> torch.nn.Module:
         """The bundle's network with a fixed seed, so an untrained server answers the same on every start."""
@@ -180,9 +212,13 @@ class ModelStore:
             info: dict[str, Any] = {}
             if stamp is not None:
                 try:
-                    state, info = read_checkpoint(self.path)
-                    load_into(network, state, source=str(self.path))
-                except UnprocessableError as exc:  # the server's own model is broken: not the client's fault
+                    if self.path.is_file():
+                        state, info = read_checkpoint(self.path)
+                        load_into(network, state, source=str(self.path))
+                    local = self.local_part()
+                    if local is not None and not holds_local_parts(info):  # a merged model already holds its own
+                        apply_local_part(network, local[0], source=str(self.local_part_path))
+                except (UnprocessableError, LocalPartError) as exc:  # the server's own model: not the client's fault
                     raise InputError(f"the served model cannot be loaded: {exc}", status=503) from exc
                 log.info("loaded model %s (origin: %s)", self.path, info.get("origin", "unknown"))
             network = network.to(self.device).eval()
@@ -196,7 +232,7 @@ class ModelStore:
         if cached is not None and cached[0] == stamp:
             return dict(cached[1])
         out: dict[str, Any] = {"bundle_version": self.bundle.version, "path": str(self.path)}
-        if stamp is None:
+        if _file_stamp(self.path) is None:
             out.update(
                 trained=False,
                 origin="untrained",
@@ -213,8 +249,54 @@ class ModelStore:
                 out["trained"] = True
                 out["sha256"] = file_sha256(self.path)
                 out["modified"] = datetime.fromtimestamp(stamp[1] / 1e9, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out.update(self._parts(out))
         self._describe_cache = (stamp, out)
         return dict(out)
+
+    def _parts(self, info: Mapping[str, Any]) -> dict[str, Any]:
+        """``parts``: which weights are shared (federated; with their ε, δ, accountant, privacy unit) and which are
+        this site's own (never sent, learned without DP from N cases); ``privacy`` of the shared part at top level."""
+        if holds_local_parts(info):  # the app's own fine-tune (or a merged model): every weight learned here
+            local_all = {
+                "parameters": "all",
+                "sharing": NEVER_SENT,
+                "learned": "fine-tuned on this site's corrected cases without DP",
+            }
+            return {"parts": {"shared": None, "local": local_all}}
+        try:
+            local = self.local_part()
+        except UnprocessableError as exc:
+            local, problem = None, str(exc)
+        else:
+            problem = None
+        local_info = local[1] if local is not None else {}
+        privacy = info.get("privacy") or local_info.get("shared_privacy")
+        shared = {
+            "origin": info.get("origin", "untrained"),
+            "job_id": info.get("job_id"),
+            "round": info.get("round"),
+            "privacy": privacy
+            if privacy
+            else {"dp": False, "note": "no differential-privacy guarantee recorded for the shared model"},
+        }
+        out: dict[str, Any] = {"parts": {"shared": shared, "local": None}}
+        if privacy and "privacy" not in info:
+            out["privacy"] = privacy
+        if local is not None:
+            out["parts"]["local"] = {
+                "parameters": local_info.get("parameters"),
+                "weights": int(sum(t.numel() for t in local[0].values())),
+                "sharing": NEVER_SENT,
+                "learned": "without DP on this site's own cases",
+                "training_cases": local_info.get("training_cases"),
+                "fine_tune_epochs": local_info.get("fine_tune_epochs"),
+                "job_id": local_info.get("job_id"),
+                "global_model_sha256": local_info.get("global_model_sha256"),
+                "sha256": file_sha256(self.local_part_path),
+            }
+        elif problem:
+            out["parts"]["local"] = {"error": problem}
+        return out
 
     # -- writing --------------------------------------------------------------------------------------------------
     def publish(self, network: torch.nn.Module, **info: Any) -> dict[str, Any]:

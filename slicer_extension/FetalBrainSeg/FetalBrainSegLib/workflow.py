@@ -68,6 +68,9 @@ class ModelInfo:
     epsilon: float | None = None
     delta: float | None = None
     privacy_note: str | None = None
+    # what the served site model is made of (``parts`` in /info/): the shared, federated part and this site's own
+    shared_part: str | None = None
+    local_part: str | None = None
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any], model: str) -> ModelInfo:
@@ -138,6 +141,7 @@ class ModelInfo:
             epsilon=_as_float(eps),
             delta=_as_float(delta),
             privacy_note=None if note is None else str(note),
+            **_parts_text(_first(sources, ("parts",))),
         )
 
     @property
@@ -147,6 +151,14 @@ class ModelInfo:
     @property
     def origin_text(self) -> str:
         return self.origin or "not reported by the server"
+
+    @property
+    def shared_part_text(self) -> str:
+        return self.shared_part or "not reported by the server"
+
+    @property
+    def local_part_text(self) -> str:
+        return self.local_part or "none (every weight is the shared model's)"
 
     @property
     def privacy_text(self) -> str:
@@ -159,6 +171,49 @@ class ModelInfo:
         if self.privacy_note:
             text += f", {self.privacy_note}"
         return text
+
+
+def _parts_text(parts: Any) -> dict[str, str | None]:
+    """``shared_part`` / ``local_part`` sentences from the app's ``parts`` (``{shared: {...}, local: {...}}``)."""
+    if not isinstance(parts, Mapping):
+        return {}
+    shared, local = parts.get("shared"), parts.get("local")
+    out: dict[str, str | None] = {"shared_part": None, "local_part": None}
+    if isinstance(shared, Mapping):
+        where = ", ".join(
+            x
+            for x in (
+                str(shared.get("origin") or "federated"),
+                f"job {shared['job_id']}" if shared.get("job_id") is not None else "",
+                f"round {shared['round']}" if shared.get("round") is not None else "",
+            )
+            if x
+        )
+        privacy = _mapping(shared.get("privacy"))
+        eps = _as_float(privacy.get("epsilon"))
+        if eps is None:
+            guarantee = "no differential-privacy guarantee reported"
+        else:
+            delta = _as_float(privacy.get("delta"))
+            guarantee = f"ε = {eps:.3g}" + (f" (δ = {delta:.0e})" if delta is not None else " (δ not reported)")
+            if privacy.get("accountant"):
+                guarantee += f", {privacy['accountant']} accountant"
+            if privacy.get("privacy_unit"):
+                guarantee += f", privacy unit: {privacy['privacy_unit']}"
+        out["shared_part"] = f"{where}; {guarantee}"
+    elif local is not None:
+        out["shared_part"] = "none: every weight of the served model was learned at this site"
+    if isinstance(local, Mapping):
+        if local.get("error"):
+            out["local_part"] = f"cannot be read ({local['error']})"
+        else:
+            what = str(local.get("parameters") or "some weights")
+            if local.get("weights") is not None:
+                what += f" ({local['weights']} weights)"
+            cases = local.get("training_cases")
+            source = f"this site's {cases} cases" if cases is not None else "this site's own cases"
+            out["local_part"] = f"{what}, learned without DP from {source}, never sent"
+    return out
 
 
 def _log_message(line: str) -> str:
@@ -367,6 +422,8 @@ class Workflow:
             f"Connected to {self.server_url}. Model '{self.model.name}', version {self.model.version_text}; "
             f"origin: {self.model.origin_text}; privacy: {self.model.privacy_text}."
         )
+        if self.model.local_part:
+            text += f" Shared part: {self.model.shared_part_text}. Local part: {self.model.local_part_text}."
         if pending:
             text += f" {pending} correction(s) waiting to be sent: press 'Re-send pending'."
         return text

@@ -1,0 +1,61 @@
+"""A real NVFlare simulator job with ``local.parameters = "norm"``: the keys of every update the server receives are
+recorded at the server, and none is a local key; each site's state folder holds its local part with exactly the
+local keys (and its provenance)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fetalseg.bundle import Bundle
+from fetalseg.local_part import NEVER_SENT, read_local_part
+from fetalseg.subspace import parameter_names
+from nvflare_jobs.config import ENV_SITE_STATE
+from nvflare_jobs.fetal_brain.job import build_recipe
+from tests.nvflare_jobs.conftest import SITES, TINY_OVERRIDES
+from tests.nvflare_jobs.received_keys import ReceivedKeys
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, make_config, fl_env: dict) -> tuple[Path, list[dict], str]:
+    from nvflare.recipe import SimEnv
+
+    tmp = tmp_path_factory.mktemp("local")
+    config = make_config(
+        name="local_part", num_rounds=2, min_clients=3, cross_site_eval=False, local={"parameters": "norm"}
+    )
+    received = tmp / "received.jsonl"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV_SITE_STATE, str(tmp / "state"))
+        recipe = build_recipe(config, command=f"{sys.executable} -u")
+        recipe.add_server_input_filter(ReceivedKeys(str(received)), tasks=["train"])
+        recipe.run(SimEnv(clients=SITES, num_threads=len(SITES), workspace_root=str(tmp / "sim")))
+    rows = [json.loads(line) for line in received.read_text().splitlines() if line.strip()]
+    return tmp / "state", rows, config["name"]
+
+
+def _local_names() -> list[str]:
+    return parameter_names(Bundle("common", overrides=TINY_OVERRIDES).network(), "norm")
+
+
+def test_no_update_the_server_received_holds_a_local_key(job) -> None:
+    _, rows, _ = job
+    local = {f"net.{n}" for n in _local_names()}
+    assert len(rows) == 2 * len(SITES) and {r["site"] for r in rows} == set(SITES)
+    for row in rows:
+        assert row["keys"] and not set(row["keys"]) & local, row["site"]
+
+
+def test_every_site_keeps_its_local_part_with_exactly_the_local_keys(job) -> None:
+    state, _, _ = job
+    for site in SITES:
+        (path,) = state.glob(f"local_{site}_*.pt")
+        tensors, info = read_local_part(path)
+        assert set(tensors) == set(_local_names())
+        assert info["sharing"] == NEVER_SENT and info["site"] == site and info["final"] is True
+        assert info["round"] == 1 and len(info["global_model_sha256"]) == 64
