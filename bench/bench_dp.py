@@ -13,6 +13,11 @@ per-sample weight gradients into, parallelise less well on CPU than the plain st
 
 Goals (issue 4): DP step ≤ 1.5× the plain step's time and ≤ 2× its memory. The fastest correct mode (CPU time)
 is ``privacy.dpsgd.DEFAULT_GRAD_SAMPLE_MODE``. Writes bench/results/dp.md (+ .json).
+
+``--small-n`` (issue 24) measures instead the small-N DP setting: full-batch DP-GD with K augmented views per case
+(``augmentation_multiplicity``) on a parameter subspace (``--subspace``, default ``norm+bias+head``), against a
+plain step on the same B·K views with the same weights trained; it adds (or replaces) its own section of dp.md
+and a ``small_n`` entry of dp.json and keeps the other tables.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from privacy.dpsgd import DEFAULT_GRAD_SAMPLE_MODE  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("plain", "loop", "vmap", "functorch", "hooks", "ghost", "ew")
+# --small-n: a plain step on B·K views vs full-batch DP-GD with K views per case (views averaged before clipping)
+SMALL_N_MODES = ("plain", "vmap", "loop")
+SMALL_N_TITLE = "## Small-N DP: full-batch DP-GD with K views per case on a subspace"
 
 
 def _rss_peak_mb() -> float:
@@ -73,10 +81,15 @@ class _RssSampler:
         self.peak = max(self.peak, _rss_now_mb())
 
 
-def worker(mode: str, size: int, batch: int, steps: int, warmup: int, threads: int) -> dict:
-    """One configuration in this process: returns per-step seconds and the peak RSS growth during the steps."""
+def worker(
+    mode: str, size: int, batch: int, steps: int, warmup: int, threads: int, views: int = 0, subspace: str = "all"
+) -> dict:
+    """One configuration in this process: returns per-step seconds and the peak RSS growth during the steps.
+
+    ``views`` > 0: the small-N setting (``batch`` cases × ``views`` views, full batch, ``subspace`` trained)."""
     import torch
 
+    from fetalseg import subspace as groups
     from fetalseg.bundle import Bundle
     from fetalseg.training import train_step
 
@@ -84,11 +97,13 @@ def worker(mode: str, size: int, batch: int, steps: int, warmup: int, threads: i
     torch.manual_seed(0)
     bundle = Bundle("train", overrides={"patch_size": [size] * 3})
     net = bundle.network()
-    optimizer = bundle.optimizer(net.parameters())
+    groups.freeze_except(net, groups.parameter_names(net, subspace))
+    optimizer = bundle.optimizer([p for p in net.parameters() if p.requires_grad])
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, 1, size, size, size, generator=g)
-    labels = torch.randint(0, bundle.num_classes, (batch, 1, size, size, size), generator=g)
-    data = [{"image": images[i], "label": labels[i]} for i in range(batch)]
+    n_samples = batch * views if mode == "plain" and views else batch  # plain: every view is a sample
+    images = torch.rand(n_samples, 1, size, size, size, generator=g)
+    labels = torch.randint(0, bundle.num_classes, (n_samples, 1, size, size, size), generator=g)
+    data = [{"image": images[i], "label": labels[i]} for i in range(n_samples)]
     loss_fn = bundle.loss()
     note = ""
     if mode == "plain":
@@ -111,10 +126,11 @@ def worker(mode: str, size: int, batch: int, steps: int, warmup: int, threads: i
 
         from privacy.dpsgd import DPSGDConfig, SitePrivacyEngine
 
+        small_n = {"full_batch": True, "augmentation_multiplicity": views} if views else {}
         engine = SitePrivacyEngine(
-            config=DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=0.1 / batch, grad_sample_mode=mode),
+            config=DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, grad_sample_mode=mode, **small_n),
             dataset_size=batch,
-            batch_size=batch,
+            batch_size=None if views else batch,
         )
         model, optimizer, loader = engine.make_private(
             model=net, optimizer=optimizer, data_loader=DataLoader(data, batch_size=batch)
@@ -151,6 +167,8 @@ def worker(mode: str, size: int, batch: int, steps: int, warmup: int, threads: i
 def run_worker(mode: str, args: argparse.Namespace, n_threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--size", str(args.size), "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(n_threads)]  # fmt: skip
+    if args.small_n:
+        cmd += ["--views", str(args.views), "--subspace", args.subspace]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
@@ -174,10 +192,21 @@ def main() -> None:
     )
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     ap.add_argument("--out", type=Path, default=RESULTS / "dp.md")
+    ap.add_argument("--small-n", action="store_true", help="full-batch DP-GD with K views on a subspace (own section)")
+    ap.add_argument("--views", type=int, default=4, help="--small-n: augmented views per case (K)")
+    ap.add_argument("--subspace", default="norm+bias+head", help="--small-n: trained parameter groups")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.size, args.batch, args.steps, args.warmup, int(args.threads))))
+        views, sub = (args.views, args.subspace) if args.small_n else (0, "all")
+        print(
+            json.dumps(
+                worker(args.worker, args.size, args.batch, args.steps, args.warmup, int(args.threads), views, sub)
+            )
+        )
+        return
+    if args.small_n:
+        small_n(args)
         return
 
     modes = [m for m in args.modes.split(",") if m]
@@ -214,6 +243,44 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+
+
+def small_n(args: argparse.Namespace) -> None:
+    """Run the small-N rows and put them into dp.md / dp.json next to the tables already there."""
+    if args.modes == ",".join(MODES):
+        args.modes = ",".join(SMALL_N_MODES)
+    modes = [m for m in args.modes.split(",") if m]
+    threads = [int(t) for t in str(args.threads).split(",") if t]
+    views = args.batch * args.views
+    lines = [
+        SMALL_N_TITLE,
+        "",
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; `python bench/bench_dp.py {' '.join(sys.argv[1:])}`. {args.size}³ patches; "
+        f"DP rows: full-batch DP-GD (`full_batch: true`, q = 1) on {args.batch} cases × {args.views} views "
+        f"(`augmentation_multiplicity: {args.views}`; a case's views averaged before its clipping); plain row: one "
+        f"ordinary step on the same {views} views as one batch. Both train only `{args.subspace}` (the rest "
+        f"frozen; fetalseg.subspace). Median of {args.rounds} processes × {args.steps} timed steps (after "
+        f"{args.warmup} warm-up), modes interleaved; per view = step ÷ {views}. Same columns as above.",
+    ]
+    record: dict = {"args": vars(args) | {"out": str(args.out)}, "tables": {}}
+    for n_threads in threads:
+        rows, runs, load = _measure(args, modes, n_threads)
+        record["tables"][n_threads] = {"rows": rows, "runs": runs, "load_average": load}
+        table = _table(rows, n_threads, load)
+        table[1] = table[1].replace("## ", "### ", 1)
+        per_view = [f"{m} {r['step_s'] / views:.3f} wall / {r['cpu_s'] / views:.3f} CPU" for m, r in rows.items()
+                    if "step_s" in r]  # fmt: skip
+        table += ["", "Per case-view (s): " + ", ".join(per_view) + "."]
+        lines += table
+    text = "\n".join(lines) + "\n"
+    print(text)
+    old = args.out.read_text() if args.out.exists() else ""
+    kept = old.split("\n" + SMALL_N_TITLE)[0].rstrip("\n")
+    args.out.write_text((kept + "\n\n" if kept else "") + text)
+    json_path = args.out.with_suffix(".json")
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {}
+    json_path.write_text(json.dumps(previous | {"small_n": record}, indent=1, default=str))
 
 
 def _measure(args: argparse.Namespace, modes: list[str], n_threads: int) -> tuple[dict, dict, tuple[float, float]]:
