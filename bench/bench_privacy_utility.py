@@ -92,7 +92,12 @@ TRAINABLE = {
 
 
 def _freeze(net: torch.nn.Module, which: str) -> int:
-    """Freeze every weight outside ``TRAINABLE[which]``; return how many weights stay trainable."""
+    """Freeze every weight outside ``TRAINABLE[which]`` (or a ``fetalseg.subspace`` spec such as
+    ``norm+bias+head``); return how many weights stay trainable."""
+    if which not in TRAINABLE:
+        from fetalseg import subspace
+
+        return sum(p.numel() for p in subspace.freeze_except(net, subspace.parameter_names(net, which)))
     keep = TRAINABLE[which]
     n = 0
     for name, p in net.named_parameters():
@@ -145,7 +150,8 @@ def fedavg(
         engine = None
         if dp is not None:
             config = DPSGDConfig(**dp, planned_rounds=rounds, local_epochs=local_epochs)
-            engine = SitePrivacyEngine(config=config, dataset_size=len(loader.dataset), batch_size=batch)
+            engine_batch = None if config.full_batch else batch  # DP-GD: every case in every step
+            engine = SitePrivacyEngine(config=config, dataset_size=len(loader.dataset), batch_size=engine_batch)
             model, optimizer, loader = engine.make_private(model=net, optimizer=optimizer, data_loader=loader)
             loss_fn = engine.wrap_loss(loss_fn)
         sites.append(Site(split, net, model, optimizer, loader, loss_fn, engine))
@@ -221,6 +227,13 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=1e-5, help="δ per site (must be < 1/N; the project uses 1e-5)")
     ap.add_argument("--clip", type=float, default=1.0, help="per-sample gradient clip norm C")
     ap.add_argument("--pretrain-epochs", type=int, default=20, help="epochs on the public site")
+    ap.add_argument(
+        "--public-dr",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="public pretraining with the bundle's domain randomization (train.json domain_randomization); "
+        "--no-public-dr: the plain augmentation, as before (bench/results/public_pretraining.md compares them)",
+    )
     ap.add_argument("--starts", nargs="+", default=["public", "scratch"], choices=["scratch", "public"])
     ap.add_argument(
         "--finetune-weights",
@@ -236,10 +249,31 @@ def main() -> None:
         "--pretrain-epochs assumed), else written after pretraining",
     )
     ap.add_argument("--skip-non-private", action="store_true", help="only the DP-SGD runs (e.g. to add an ε)")
+    # small-N DP (issue 24): DP-GD, augmentation multiplicity, EMA, a structural subspace, the PRV accountant
+    ap.add_argument("--full-batch", action="store_true", help="DP runs: full-batch DP-GD (every case every step, q=1)")
+    ap.add_argument("--multiplicity", type=int, default=1, help="DP runs: K augmented views averaged per case")
+    ap.add_argument("--ema", type=float, default=None, help="DP runs: EMA decay of the DP iterates (sent weights)")
+    ap.add_argument(
+        "--trained-parameters",
+        default=None,
+        help="fetalseg.subspace spec trained after public pretraining (e.g. norm+bias+head); overrides "
+        "--finetune-weights",
+    )
+    ap.add_argument("--accountant", choices=["prv", "rdp"], default="prv", help="DP accountant (default prv)")
+    ap.add_argument(
+        "--clip-from-public",
+        type=float,
+        default=None,
+        metavar="QUANTILE",
+        help="set C to this quantile of per-case gradient norms on the PUBLIC cases at the public model "
+        "(privacy.public_clip, same views and trained weights; costs no ε); overrides --clip",
+    )
     ap.add_argument("--max-minutes", type=float, default=25.0, help="skip the runs left after this much time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "privacy_utility.md")
     args = ap.parse_args()
+    if args.trained_parameters is not None:
+        args.finetune_weights = args.trained_parameters
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -277,7 +311,14 @@ def main() -> None:
         if pretrain_cached:
             inits["public"] = torch.load(args.pretrained, map_location="cpu", weights_only=True)
         else:
-            inits["public"] = pretrain(bundle, public, epochs=args.pretrain_epochs, batch=args.batch, seed=args.seed)
+            public_bundle = (
+                Bundle("train", overrides={**bundle.overrides, "domain_randomization": True})
+                if args.public_dr
+                else bundle
+            )
+            inits["public"] = pretrain(
+                public_bundle, public, epochs=args.pretrain_epochs, batch=args.batch, seed=args.seed
+            )
             if args.pretrained is not None:
                 torch.save(inits["public"], args.pretrained)
         pretrain_minutes = (time.perf_counter() - t) / 60
@@ -286,6 +327,16 @@ def main() -> None:
         net.eval()
         public_scores = score(bundle, net, splits)
         print(f"public pretraining only: Dice {public_scores['all']:.3f}", file=sys.stderr, flush=True)
+        if args.clip_from_public is not None:
+            from privacy.public_clip import clip_from_public
+
+            rec = clip_from_public(
+                bundle, public, weights=inits["public"], trained_parameters=args.finetune_weights,
+                views=args.multiplicity, quantile=args.clip_from_public, seed=args.seed,
+            )  # fmt: skip
+            args.clip = rec.max_grad_norm
+            args.public_clip_norms = rec.norms
+            print(f"clip from public: C = {args.clip:.4g} (quantile {args.clip_from_public:g})", file=sys.stderr)
 
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -298,6 +349,8 @@ def main() -> None:
             dp = None
             if eps is not None:
                 dp = {"target_epsilon": eps, "delta": args.delta, "max_grad_norm": args.clip}
+                dp |= {"accountant": args.accountant, "full_batch": args.full_batch, "ema_decay": args.ema}
+                dp |= {"augmentation_multiplicity": args.multiplicity}
             lr = args.dp_lr if (eps is not None and args.dp_lr is not None) else args.lr
             t = time.perf_counter()
             net, info = fedavg(
@@ -374,18 +427,35 @@ def report(
         f"{steps_per_epoch} steps of batch {args.batch} per site — the same for every run (DP-SGD: Poisson "
         f"sampling with expected batch {args.batch}, q = 1/ceil(N/batch)). Optimizer: the bundle's AdamW, lr "
         f"{'bundle default' if args.lr is None else args.lr} "
-        f"(DP-SGD runs: {args.dp_lr if args.dp_lr is not None else 'same'}); clip C = {args.clip:g}; "
+        f"(DP-SGD runs: {args.dp_lr if args.dp_lr is not None else 'same'}); clip C = {args.clip:.4g}"
+        + (
+            f" (quantile {args.clip_from_public:g} of the public cases' per-case gradient norms at the public model, "
+            f"privacy.public_clip)"
+            if args.clip_from_public is not None
+            else ""
+        )
+        + "; "
         f"δ = {args.delta:g} per site.",
         "",
-        "ε: sample-level DP per site, for every weight update the site sent in the job (RDP accountant). "
-        f"{NOT_COVERED}. Mean Dice: the 7 tissues, held-out cases of all sites pooled (per site in the next "
+        f"ε: sample-level DP per site, for every weight update the site sent in the job ({args.accountant.upper()} "
+        "accountant). "
+        + (
+            f"DP runs: full-batch DP-GD (every training case in every step, q = 1, {args.rounds} × "
+            f"{args.local_epochs} steps per site), {args.multiplicity} augmented view(s) per case averaged before "
+            f"clipping, EMA of the DP iterates {args.ema if args.ema is not None else 'off'} (the sites send it; "
+            "post-processing). "
+            if args.full_batch
+            else ""
+        )
+        + f"{NOT_COVERED}. Mean Dice: the 7 tissues, held-out cases of all sites pooled (per site in the next "
         "columns).",
     ]
     if public:
         lines += [
             "",
             f"Public pretraining: {len(public)} cases of one more synthetic site with its own acquisition profile "
-            f"(not in the federation, not protected, not scored), {args.pretrain_epochs} epochs non-private "
+            f"(not in the federation, not protected, not scored), {args.pretrain_epochs} epochs non-private"
+            f"{' with domain randomization' if args.public_dr else ''} "
             f"({'loaded from ' + str(args.pretrained) if pretrain_cached else f'{pretrain_minutes:.1f} min'}); "
             f"the federated runs from it train "
             f"{'every weight' if args.finetune_weights == 'all' else 'only the ' + args.finetune_weights + ' weights'}"
