@@ -117,3 +117,16 @@ def test_fl_commands_refuse_an_initial_checkpoint_with_a_local_part(
         assert main(argv) == 2
         assert "never sent" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_with_dp_sgd_the_local_part_records_the_shared_parts_privacy(make_config, site_env: Path) -> None:
+    dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "grad_sample_mode": "hooks", "seed": 0}
+    config = _config(make_config, {"parameters": "norm", "fine_tune_epochs": 1}, privacy={"dp_sgd": dp})
+    trainer = SiteTrainer(config, "site-2", job_id="j", device="cpu")
+    state = trainer.load_global(_global_params(config, 0))
+    trainer.train_round()
+    assert not set(trainer.weight_diff(state)) & set(trainer.local_keys)
+    _, info = read_local_part(trainer.finish_local(0))
+    privacy = info["shared_privacy"]
+    assert privacy["epsilon"] > 0 and privacy["delta"] == 1e-5 and privacy["privacy_unit"] == "one patient"
+    assert info["fine_tune_epochs"] == 1

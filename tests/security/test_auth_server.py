@@ -128,6 +128,8 @@ ROUTES: dict[tuple[str, str], tuple[str | None, Any, set[int]]] = {
     ("GET", "/train/"): ("trainer", lambda s: {}, {200, 404}),  # 404: no training run yet
     ("DELETE", "/train/"): ("trainer", lambda s: {}, {200}),
     ("GET", "/model/"): ("trainer", lambda s: {"path": f"/model/{MODEL}"}, {200, 404, 500}),
+    # the front's own download: the shared part only (403 for a model holding this site's local part)
+    ("GET", "/model/{model}"): ("trainer", lambda s: {"path": f"/model/{MODEL}"}, {200, 403, 404}),
     ("GET", "/logs/"): ("trainer", lambda s: {}, {200}),
     ("GET", "/"): ("annotator", lambda s: {"allow_redirects": False}, {200, 307}),
     ("GET", "/docs"): ("annotator", lambda s: {}, {200}),
