@@ -486,6 +486,9 @@ def write_report(run: DemoRun) -> Path:
     for caption, path in figs:
         if path is not None:
             lines += [f"**{caption}**", "", f"![{caption}]({path.name})", ""]
+        elif caption.startswith("Validation Dice") and (run.job_config.get("privacy") or {}).get("dp_sgd"):
+            lines += [f"**{caption}**: withheld by the DP-SGD sites (they send Dice only noised and accounted in "
+                      "their ε, `privacy.metrics`; docs/privacy.md, \"Metrics a site sends\").", ""]  # fmt: skip
         else:
             lines += [f"**{caption}**: no data reported by the job.", ""]
     lines += ["## Held-out cases (image, ground truth, prediction; FeTA colours)", ""]

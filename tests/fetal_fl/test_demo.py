@@ -101,12 +101,14 @@ def test_epsilon_is_finite_and_positive_for_every_site(demo: dict) -> None:
 
 def test_figures_are_written_and_not_empty(demo: dict) -> None:
     folder = demo["out"] / "report"
-    for name in ("val_dice_per_round.png", "epsilon_per_round.png", "privacy_utility.png"):
+    for name in ("epsilon_per_round.png", "privacy_utility.png"):
         assert (folder / name).stat().st_size > 1000, name
+    # the --quick demo runs DP-SGD only: its sites withhold validation Dice (docs/privacy.md, "Metrics a site sends")
+    val, report = folder / "val_dice_per_round.png", (folder / "report.md").read_text()
+    assert (val.is_file() and val.stat().st_size > 1000) or "withheld by the DP-SGD sites" in report
     cases = sorted(folder.glob("case_*.png"))
     assert {p.name.split("_")[1] for p in cases} == set(SITES)
     assert all(p.stat().st_size > 1000 for p in cases)
-    report = (folder / "report.md").read_text()
     for png in folder.glob("*.png"):
         assert f"]({png.name})" in report, png.name
 
