@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from nvflare.apis.dxo import DataKind
@@ -21,11 +22,13 @@ from nvflare.apis.filter import Filter
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 
-from nvflare_jobs.config import ConfigError, FilterSpec
+from nvflare_jobs.config import PROJECT_FILTERS, ConfigError, FilterSpec
 
 log = logging.getLogger(__name__)
 
 UPDATE_KINDS = [DataKind.WEIGHT_DIFF]
+# ‖N(0, s²·I_d)‖ > s·(√d + t) with probability < exp(-t²/2): about 1e-14 at t = 8 (Gaussian norm concentration)
+NOISE_NORM_MARGIN = 8.0
 
 
 def import_class(path: str) -> type:
@@ -58,3 +61,20 @@ def build_class_filter(path: str, args: Mapping[str, Any]) -> Filter:
         return cls(**args)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"filter {path!r} rejected its arguments {dict(args)}: {e}") from e
+
+
+def client_dp_norm_bound(specs: Iterable[FilterSpec], num_weights: int) -> float | None:
+    """The L2 norm no client-DP update exceeds (but with probability < 1e-14), or None without a client-DP filter.
+
+    Why: the server's update guard must expect the noise. A clipped update has norm <= clip_norm, and the noise
+    added to its d weights has norm ~ noise_multiplier·clip_norm·√d (≈ 779·σ·C for the bundle U-Net's ~606,000
+    weights): with the default ``server.max_update_norm`` of 1000, every update noised with σ·C > 1.28 was rejected
+    and the job failed. Call after the filters were built (their constructors checked these arguments).
+    """
+    bounds = [
+        float(spec.args["clip_norm"])
+        * (1.0 + float(spec.args["noise_multiplier"]) * (math.sqrt(num_weights) + NOISE_NORM_MARGIN))
+        for spec in specs
+        if spec.path == PROJECT_FILTERS["client_dp"]
+    ]
+    return max(bounds, default=None)

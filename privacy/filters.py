@@ -22,19 +22,20 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from privacy.accounting import check_accountant, check_delta, epsilon
+from privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, check_accountant, check_delta, epsilon
 
 log = logging.getLogger(__name__)
 
 NOT_DP_NOTICE = "percentile sharing is NOT differential privacy (no noise; it only limits what is sent)"
 SPARSE_FORMAT = "fetalfl-sparse-v1"
 CLIENT_DP_SCOPE = "client-level DP, per site, composed over rounds"
+CLIENT_DP_UNIT = "the site's whole contribution of a round"
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -89,8 +90,12 @@ def check_update(diff: Arrays) -> dict[str, np.ndarray]:
 
 
 def l2_norm(diff: Arrays) -> float:
-    """Global L2 norm over every array of the update."""
-    return float(math.sqrt(math.fsum(float(np.sum(np.square(a, dtype=np.float64))) for a in diff.values())))
+    """Global L2 norm over every array of the update (scaled by the largest |value|, so squares cannot overflow)."""
+    arrays = [np.asarray(a, dtype=np.float64) for a in diff.values()]
+    peak = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    if peak == 0.0 or not math.isfinite(peak):
+        return peak
+    return peak * math.sqrt(math.fsum(float(np.sum(np.square(a / peak))) for a in arrays))
 
 
 def dense_nbytes(diff: Arrays) -> int:
@@ -308,9 +313,9 @@ class ClientDPConfig:
 
     clip_norm: float
     noise_multiplier: float
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     adjacency: str = "replace"
-    accountant: str = "rdp"
+    accountant: str = DEFAULT_ACCOUNTANT  # as every new plan of the project (PRV: tighter than RDP at the same σ)
 
     def __post_init__(self) -> None:
         for name in ("clip_norm", "noise_multiplier"):
@@ -345,6 +350,14 @@ class ClientDPConfig:
             accountant=self.accountant,  # type: ignore[arg-type]
         )
 
+    def epsilon_any_change(self, rounds: int) -> float:
+        """ε against any change of the site's data (sensitivity 2·clip_norm) whatever ``adjacency`` says.
+
+        What a dataset's ledger is charged: adding, removing or replacing one case moves the clipped update by up
+        to 2·clip_norm, which the ``add_remove`` ε (site present or absent) does not cover.
+        """
+        return replace(self, adjacency="replace").epsilon(rounds)
+
 
 def clip_and_noise(
     diff: Arrays, *, config: ClientDPConfig, rng: np.random.Generator | None = None
@@ -363,7 +376,10 @@ def clip_and_noise(
     out = {}
     for name, a in arrays.items():
         noise = rng.normal(0.0, config.noise_std, size=a.shape)
-        out[name] = (a.astype(np.float64) * scale + noise).astype(a.dtype)
+        with np.errstate(over="ignore"):  # an overflow is caught just below
+            out[name] = (a.astype(np.float64) * scale + noise).astype(a.dtype)
+        if not np.all(np.isfinite(out[name])):  # noise beyond the dtype's range: never send inf
+            raise ValueError(f"noise std {config.noise_std:g} overflows {a.dtype} in {name!r}; lower σ·clip_norm")
     report = FilterReport(
         filter="client_dp",
         fraction_kept=1.0,
@@ -427,4 +443,5 @@ class ClientDPAccountant:
             "clip_norm": self.config.clip_norm,
             "adjacency": self.config.adjacency,
             "scope": CLIENT_DP_SCOPE,
+            "unit": CLIENT_DP_UNIT,
         }

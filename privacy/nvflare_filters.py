@@ -22,18 +22,24 @@ The jobs must send differences: ``TransferType.DIFF`` / ``params_type=DIFF``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 
+from privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA
 from privacy.filters import (
+    CLIENT_DP_SCOPE,
+    CLIENT_DP_UNIT,
     NOT_DP_NOTICE,
     SPARSE_FORMAT,
     ClientDPAccountant,
@@ -187,17 +193,24 @@ class SparseUpdateDecoder(DXOFilter):
 class ClientDPFilter(_FailClosedDXOFilter):
     """Client result filter: clip the update's L2 norm and add Gaussian noise (client-level DP, per round).
 
-    ε composes over the rounds this filter has noised (``state_path`` keeps the count across client restarts) and
-    is put in the result's metadata (``fetalfl_privacy``) and the log.
+    ε composes over the rounds this filter has noised and is put in the result's metadata (``fetalfl_privacy``) and
+    the site's log. The count survives a client restart: it is kept in ``state_path``, by default
+    ``$FETALFL_SITE_STATE`` (else the app folder's ``privacy_state/``) ``/client_dp_<site>_<job>.json`` — one file
+    per site and job, so give ``state_path`` only in a site's own ``privacy.json``, never in a job config.
+
+    With a site ledger (``$FETALFL_PRIVACY_LEDGER``) every noised update is charged before it leaves, under job id
+    ``<job>/client_dp`` on the dataset DP-SGD charges: the cumulative ε against any change of the site's data (see
+    :meth:`~privacy.filters.ClientDPConfig.epsilon_any_change`), its δ and accountant. An update that would take the
+    dataset past its budget is refused (nothing is sent).
     """
 
     def __init__(
         self,
         clip_norm: float,
         noise_multiplier: float,
-        delta: float = 1e-5,
+        delta: float = DEFAULT_DELTA,
         adjacency: str = "replace",
-        accountant: str = "rdp",
+        accountant: str = DEFAULT_ACCOUNTANT,
         state_path: str | None = None,
     ) -> None:
         self.config = ClientDPConfig(
@@ -216,19 +229,102 @@ class ClientDPFilter(_FailClosedDXOFilter):
         self.adjacency = adjacency
         self.accountant = accountant
         self.state_path = state_path
-        self.client_accountant = ClientDPAccountant(config=self.config, state_path=state_path)
+        # an explicit state file is read now (a mismatch fails at job start); the default one needs the site and job
+        self.client_accountant: ClientDPAccountant | None = (
+            ClientDPAccountant(config=self.config, state_path=state_path) if state_path else None
+        )
         self._rng = np.random.default_rng()
 
     def filter_update(self, dxo: DXO, fl_ctx: FLContext) -> DXO:
         arrays, torch_in = _to_numpy(dxo.data)
         check_update(arrays)
+        accountant = self._accountant(fl_ctx)
+        ledger = _site_ledger(fl_ctx)
+        if ledger is not None:  # refuse before noising if this release does not fit the dataset's budget
+            charged = self.config.epsilon_any_change(accountant.rounds + 1)  # the job's ledger ε after this update
+            ledger.ledger.check_budget(
+                dataset_id=ledger.dataset_id, planned_epsilon=charged, delta=self.config.delta, job_id=ledger.job_id
+            )
         noised, report = clip_and_noise(arrays, config=self.config, rng=self._rng)
-        self.client_accountant.step()
-        report.details.update(self.client_accountant.report())
+        accountant.step()
+        report.details.update(accountant.report())
+        if ledger is not None:  # written (fsync'ed) before the update leaves; over budget raises: nothing is sent
+            ledger.ledger.record(
+                job_id=ledger.job_id,
+                dataset_id=ledger.dataset_id,
+                epsilon=charged,
+                delta=self.config.delta,
+                round=accountant.rounds - 1,
+                mechanism="client_dp",
+                scope=CLIENT_DP_SCOPE,
+                accountant=self.config.accountant,
+                unit=CLIENT_DP_UNIT,
+                rounds=accountant.rounds,
+                noise_multiplier=self.config.noise_multiplier,
+                clip_norm=self.config.clip_norm,
+            )
+            report.details["ledger"] = {"dataset_id": ledger.dataset_id, "job_id": ledger.job_id, "epsilon": charged}
         self._log_report(report, fl_ctx)
         return DXO(
             data_kind=DataKind.WEIGHT_DIFF, data=_from_numpy(noised, torch_in), meta=_add_report(dxo.meta, report)
         )
+
+    def _accountant(self, fl_ctx: FLContext) -> ClientDPAccountant:
+        if self.client_accountant is None:
+            path = _site_state_path(fl_ctx, f"client_dp_{fl_ctx.get_identity_name()}_{fl_ctx.get_job_id()}.json")
+            if path is None:
+                self.log_warning(fl_ctx, "client-DP: no job id; the round count is kept in memory only")
+            self.client_accountant = ClientDPAccountant(config=self.config, state_path=path)
+            self.log_info(fl_ctx, f"client-DP accountant: {self.client_accountant.rounds} round(s) so far, {path}")
+        return self.client_accountant
+
+
+@dataclass(frozen=True)
+class _LedgerTarget:
+    ledger: Any  # privacy.ledger.SiteLedger
+    dataset_id: str
+    job_id: str
+
+
+def _site_state_path(fl_ctx: FLContext, name: str) -> Path | None:
+    """Where a site keeps per-job privacy state, as the client's DP-SGD does; None outside a job."""
+    from nvflare_jobs.config import ENV_SITE_STATE
+
+    job_id = fl_ctx.get_job_id()
+    if not job_id:
+        return None
+    folder = os.environ.get(ENV_SITE_STATE)
+    if not folder:
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        if workspace is None and fl_ctx.get_engine() is not None:
+            workspace = fl_ctx.get_engine().get_workspace()
+        app_dir = Path(workspace.get_app_dir(job_id)) if workspace is not None else Path.cwd()
+        folder = str(app_dir / "privacy_state")
+    return Path(folder) / name
+
+
+def _site_ledger(fl_ctx: FLContext) -> _LedgerTarget | None:
+    """The site's ledger and the dataset the job's client charges (``<site>/<data folder name>``), if a ledger is set.
+
+    Fail-closed: with a ledger set, a job whose dataset cannot be worked out raises (nothing is sent).
+    """
+    from nvflare_jobs.config import ENV_PRIVACY_LEDGER, load_config, resolve_site_data
+
+    path = os.environ.get(ENV_PRIVACY_LEDGER)
+    if not path:
+        return None
+    from nvflare_jobs.site_policy import job_config_file
+    from privacy.ledger import SiteLedger
+
+    site, job_id = fl_ctx.get_identity_name(), fl_ctx.get_job_id()
+    config_file = job_config_file(fl_ctx)
+    if not site or not job_id or config_file is None:
+        raise ValueError(
+            f"client-DP: a privacy ledger is set ({path}) but the site, job or job config is unknown "
+            f"(site={site!r}, job={job_id!r}, config={config_file}); refusing to send an uncharged update"
+        )
+    data_dir = resolve_site_data(load_config(config_file), site)
+    return _LedgerTarget(SiteLedger(path), f"{site}/{data_dir.name}", f"{job_id}/client_dp")
 
 
 class FailClosedPercentilePrivacy(PercentilePrivacy):

@@ -49,10 +49,10 @@ from nvflare.recipe.utils import (
 
 from nvflare_jobs.audit import ServerAuditFilter, SiteAuditFilter
 from nvflare_jobs.checkpoint import BundleCheckpointWriter
-from nvflare_jobs.config import CONFIG_FILE_NAME, SPARSE_DECODER, JobConfig, load_config
+from nvflare_jobs.config import CONFIG_FILE_NAME, PROJECT_FILTERS, SPARSE_DECODER, JobConfig, load_config
 from nvflare_jobs.controllers import FetalFedAvg, FetalFedOpt
 from nvflare_jobs.fetal_brain.model import FetalBrainNet, write_initial_model
-from nvflare_jobs.filters import build_class_filter, build_filter
+from nvflare_jobs.filters import build_class_filter, build_filter, client_dp_norm_bound
 from nvflare_jobs.guard import UpdateGuard
 from nvflare_jobs.site_policy import RequireDPSGD
 
@@ -142,7 +142,7 @@ class FetalBrainRecipe(FedAvgRecipe):
         if any(spec.needs_sparse_decoder for spec in config.filters):  # sparse updates become dense first...
             self.add_server_input_filter(build_class_filter(SPARSE_DECODER, {}), tasks=[TRAIN_TASK])
         # ...then every update is checked before it can reach the aggregator
-        self.add_server_input_filter(UpdateGuard(max_norm=config.max_update_norm), tasks=[TRAIN_TASK])
+        self.add_server_input_filter(UpdateGuard(max_norm=self._guard_max_norm()), tasks=[TRAIN_TASK])
         self._job.to_server(
             BundleCheckpointWriter(bundle_overrides=config.bundle_overrides, initialized_from=self.initial_model),
             id="bundle_checkpoint",
@@ -187,6 +187,23 @@ class FetalBrainRecipe(FedAvgRecipe):
             }
             for spec in self.config.filters
         ]
+
+    def _guard_max_norm(self) -> float:
+        """``server.max_update_norm``, raised to what client-DP noise adds (else every noised update is rejected)."""
+        cfg = self.config
+        if not any(spec.path == PROJECT_FILTERS["client_dp"] for spec in cfg.filters):
+            return cfg.max_update_norm
+        weights = sum(v.numel() for v in FetalBrainNet(cfg.bundle_overrides, init_seed=0).state_dict().values())
+        bound = client_dp_norm_bound(cfg.filters, weights)
+        if bound is None or bound <= cfg.max_update_norm:
+            return cfg.max_update_norm
+        log.info(
+            "update guard: max_update_norm %.4g raised to %.4g, the norm of a client-DP update of %d weights",
+            cfg.max_update_norm,
+            bound,
+            weights,
+        )
+        return bound
 
     def _add_privacy(self) -> None:
         for spec in self.config.filters:
