@@ -13,6 +13,12 @@ the empty set.
   subtraction and never learns; those are left out).
 * ``head`` – the output block: every convolution that writes the ``out_channels`` label channels (without the
   biases an instance norm absorbs).
+
+Two more specs train an adapter instead of a group (see :func:`trainable_view`; they stand alone):
+
+* ``lora:<r>`` – a rank-r update ΔW = B·A of every convolution weight (B zero at start).
+* ``pgrad:<k>`` – θ = θ0 + U·c, k coefficients along the top-k directions of per-case gradients on PUBLIC data
+  (:func:`gradient_basis`; the basis is a file with its provenance and costs no ε).
 """
 
 from __future__ import annotations
