@@ -49,8 +49,9 @@ from bench_privacy_utility import pretrain, score  # noqa: E402
 from fetal_fl.demo import SIZES, pretrain_public  # noqa: E402
 from fetalseg.baseline import load_sites, split_site  # noqa: E402
 from fetalseg.bundle import Bundle, load_checkpoint  # noqa: E402
-from fetalseg.data.federation import write_federation  # noqa: E402
+from fetalseg.data.federation import site_seed, write_federation, write_site  # noqa: E402
 from fetalseg.data.loaders import load_dataset  # noqa: E402
+from fetalseg.data.phantom import site_profiles  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = {False: "before (plain augmentation)", True: "after (domain randomization)"}
@@ -65,7 +66,7 @@ def run_demo(args: argparse.Namespace, seed: int, dr: bool, work: Path) -> dict[
     )  # fmt: skip
     variant = None if args.demo_size == 64 else "tiny" if args.demo_size == 32 else None
     overrides = {} if args.demo_size in (32, 64) else {"pixdim": [128.0 / args.demo_size] * 3}
-    bundle = Bundle("train", variant=variant, overrides=overrides)
+    bundle = Bundle("train", variant=variant, overrides={**overrides, **(args.dr_overrides if dr else {})})
     sites = write_federation(
         work / "data", n_sites=args.sites, cases_per_site=args.demo_cases, shape=(args.demo_size,) * 3, seed=seed,
         overwrite=True,
@@ -96,13 +97,18 @@ def run_large(args: argparse.Namespace, seed: int, dr: bool, work: Path) -> dict
     """``bench_privacy_utility``'s public start: ``--large-public-cases`` public cases, fixed epochs."""
     overrides = {"pixdim": [128.0 / args.large_size] * 3, "patch_size": [args.large_size] * 3}
     bundle = Bundle("train", overrides=overrides)
-    dirs = write_federation(
-        work, n_sites=args.sites + 1, cases_per_site=max(args.large_cases, args.large_public_cases),
-        shape=(args.large_size,) * 3, seed=seed + 11,
+    shape = (args.large_size,) * 3
+    dirs = write_federation(work, n_sites=args.sites, cases_per_site=args.large_cases, shape=shape, seed=seed + 11)
+    splits = [split_site(load_dataset(d), seed=seed) for d in dirs]
+    # the public site exactly as bench_privacy_utility writes it (site index n_sites of the same federation seed)
+    profile = site_profiles(args.sites + 1, seed=seed + 11)[args.sites]
+    public_dir = write_site(
+        work / f"site-{args.sites + 1}", profile, n_cases=args.large_public_cases, shape=shape,
+        seed=site_seed(seed + 11, args.sites),
     )  # fmt: skip
-    splits = [split_site(load_dataset(d)[: args.large_cases], seed=seed) for d in dirs[: args.sites]]
-    public = load_dataset(dirs[args.sites])[: args.large_public_cases]
-    train_bundle = Bundle("train", overrides={**overrides, "domain_randomization": True}) if dr else bundle
+    public = load_dataset(public_dir)
+    dr_overrides = {**overrides, **args.dr_overrides, "domain_randomization": True}
+    train_bundle = Bundle("train", overrides=dr_overrides) if dr else bundle
     t0 = time.perf_counter()
     state = pretrain(train_bundle, public, epochs=args.large_epochs, batch=args.batch, seed=seed)
     seconds = time.perf_counter() - t0
@@ -180,28 +186,34 @@ def report(data: dict[str, Any], note: str) -> str:
             f"{st['epochs']} epochs, batch {st['batch']}, patch {st['patch'][0]}³; {st['cases_per_site']} cases per "
             f"site, held-out {rows[0]['held_out']}",
             "",
-            f"Seeds: {seeds} (paired: {paired}). Commands: " + "; ".join(sorted({f"`{r['command']}`" for r in rows})),
+            f"Seeds: {seeds} (paired: {paired}). Commands: "
+            + "; ".join(sorted({f"`{r['command'].split(' --note ')[0]}`" for r in rows})),
             "",
             "| public model | seeds | " + " | ".join("pooled" if s == "all" else s for s in sites) + " | train min |",
             "|---|---:|" + "---:|" * len(sites) + "---:|",
         ]
-        for dr in (False, True):
-            arm = [r for r in rows if r["dr"] == dr]
-            if not arm:
-                continue
+        arms = sorted({(r["dr"], r.get("dr_overrides", "")) for r in rows})
+        by = {(r["seed"], r["dr"], r.get("dr_overrides", "")): r for r in rows}
+        for dr, variant in arms:
+            arm = [r for r in rows if (r["dr"], r.get("dr_overrides", "")) == (dr, variant)]
             cells = " | ".join(fmt([r["dice"][s] for r in arm]) for s in sites)
             minutes = fmt([r["train_seconds"] / 60 for r in arm])
-            lines.append(f"| {ARMS[dr]} | {len(arm)} | {cells} | {minutes} |")
-        if paired:
-            by = {(r["seed"], r["dr"]): r for r in rows}
+            name = ARMS[dr] + (f", overrides `{variant}`" if variant else "")
+            lines.append(f"| {name} | {len(arm)} | {cells} | {minutes} |")
+        for dr, variant in arms:
+            pair = [s for s in seeds if (s, False, "") in by and (s, dr, variant) in by]
+            if not dr or not pair:
+                continue
             cells = " | ".join(
-                fmt([by[(s, True)]["dice"][k] - by[(s, False)]["dice"][k] for s in paired], signed=True) for k in sites
+                fmt([by[(s, dr, variant)]["dice"][k] - by[(s, False, "")]["dice"][k] for s in pair], signed=True)
+                for k in sites
             )
-            lines.append(f"| Δ after − before (paired) | {len(paired)} | {cells} | |")
-        lines += ["", "Per seed (pooled Dice before → after): " + ", ".join(
-            f"seed {s}: " + " → ".join(
-                f"{r['dice']['all']:.3f}" for r in sorted((r for r in rows if r["seed"] == s), key=lambda r: r["dr"])
-            ) for s in seeds
+            name = "Δ after − before (paired)" + (f", overrides `{variant}`" if variant else "")
+            lines.append(f"| {name} | {len(pair)} | {cells} | |")
+        lines += ["", "Per run (pooled Dice): " + "; ".join(
+            f"seed {r['seed']} {ARMS[r['dr']]}{' ' + r['dr_overrides'] if r.get('dr_overrides') else ''}: "
+            f"{r['dice']['all']:.3f}"
+            for r in sorted(rows, key=lambda r: (r["seed"], r["dr"], r.get("dr_overrides", "")))
         ) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -221,6 +233,12 @@ def main() -> None:
     ap.add_argument("--large-public-cases", type=int, default=96)
     ap.add_argument("--large-epochs", type=int, default=60)
     ap.add_argument("--batch", type=int, default=8, help="batch of the large setting (bench_privacy_utility's)")
+    ap.add_argument(
+        "--dr-overrides",
+        type=json.loads,
+        default={},
+        help="bundle overrides for the DR arm only, as JSON, e.g. '{\"domain_randomization_transforms#0#prob\": 0.3}'",
+    )
     ap.add_argument("--note", default="", help="a line for the result file (e.g. what was reduced)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the stored runs")
     ap.add_argument("--out", type=Path, default=RESULTS / "public_pretraining.md")
@@ -239,12 +257,14 @@ def main() -> None:
                     with tempfile.TemporaryDirectory(prefix=f"public-dr-{setting}-") as tmp:
                         fn = run_demo if setting == "demo" else run_large
                         record = fn(args, seed, dr, Path(tmp))
+                    variant = json.dumps(args.dr_overrides, sort_keys=True) if dr and args.dr_overrides else ""
                     record.update(
-                        setting=setting, seed=seed, dr=dr, command=command, load_before=load,
+                        setting=setting, seed=seed, dr=dr, dr_overrides=variant, command=command, load_before=load,
                         load_after=os.getloadavg()[0], total_seconds=time.perf_counter() - t0,
                         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     )  # fmt: skip
-                    data = store(out_json, f"{setting}/seed{seed}/{'dr' if dr else 'plain'}", record, args.note)
+                    key = f"{setting}/seed{seed}/{'dr' + variant if dr else 'plain'}"
+                    data = store(out_json, key, record, args.note)
                     print(
                         f"{setting} seed {seed} {ARMS[dr]}: pooled Dice {record['dice']['all']:.3f} "
                         f"{ {k: round(v, 3) for k, v in record['dice'].items()} } "
