@@ -74,14 +74,15 @@ class PrivacyPlan:
         )
 
 
-def privacy_plan(settings: Mapping[str, Any], *, dataset_size: int, batch_size: int) -> PrivacyPlan:
+def privacy_plan(settings: Mapping[str, Any], *, dataset_size: int, batch_size: int | None) -> PrivacyPlan:
     """The plan for DP-SGD ``settings`` (as from :func:`dp_settings_for`); raises ValueError for settings the
     DP-SGD engine would refuse (and for a config without a plan: its ε could not be known in advance)."""
     from privacy.dpsgd import DPSGDConfig, SitePrivacyEngine
 
-    engine = SitePrivacyEngine(
-        config=DPSGDConfig.from_dict(settings), dataset_size=dataset_size, batch_size=batch_size, state_path=None
-    )
+    config = DPSGDConfig.from_dict(settings)
+    if getattr(config, "full_batch", False):
+        batch_size = None  # full-batch DP-GD: every training case in every step, no batch size of its own
+    engine = SitePrivacyEngine(config=config, dataset_size=dataset_size, batch_size=batch_size, state_path=None)
     if engine.planned_epsilon is None or engine.planned_steps is None:
         raise ValueError("the DP-SGD settings have no plan (planned_steps or planned_rounds + local_epochs)")
     return PrivacyPlan(
@@ -91,7 +92,7 @@ def privacy_plan(settings: Mapping[str, Any], *, dataset_size: int, batch_size: 
         noise_multiplier=float(engine.noise_multiplier),
         sample_rate=float(engine.sample_rate),
         dataset_size=int(dataset_size),
-        batch_size=int(batch_size),
+        batch_size=int(batch_size) if batch_size is not None else int(dataset_size),
         accountant=str(engine.config.accountant),
     )
 
