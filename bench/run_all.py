@@ -43,6 +43,12 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "load": ("bench_load.py", ["--clients", "2", "--seconds", "5"]),
     "privacy_utility": ("bench_privacy_utility.py", ["--cases", "8", "--public-cases", "4", "--rounds", "1",
                                                      "--pretrain-epochs", "1", "--eps", "8"]),
+    "public_pretraining": ("bench_public_pretraining.py", ["--settings", "demo", "--seeds", "0", "--demo-size", "32",
+                                                           "--demo-cases", "4", "--demo-public-cases", "4",
+                                                           "--demo-epochs", "1"]),
+    "subspace_capacity": ("bench_subspace.py", ["--cases", "8", "--public-cases", "8", "--rounds", "1",
+                                                "--pretrain-epochs", "1", "--views", "1",
+                                                "--specs", "all", "norm+bias+head", "--max-minutes", "5"]),
 }  # fmt: skip
 
 

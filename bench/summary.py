@@ -312,6 +312,62 @@ def baseline(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def privacy_utility_runs(d: dict[str, Any], name: str) -> list[Row]:
+    """A file of several ``bench_privacy_utility`` runs keyed by trained subspace (a run may be missing: skipped)."""
+    rows: list[Row] = []
+    for subspace, run in d["runs"].items():
+        if run is None:
+            rows.append(Row(name, f"{subspace}: not run (see the .md)", "–", "–", "–"))
+            continue
+        for r in privacy_utility(run, name):
+            rows.append(Row(r.benchmark, f"{subspace}: {r.measure}", r.result, r.goal, r.verdict))
+    return rows
+
+
+def public_pretraining(d: dict[str, Any]) -> list[Row]:
+    """Held-out Dice with vs without domain randomization in public pretraining, per setting, over seeds."""
+    runs = d["runs"]
+    rows = []
+    for setting in sorted({r["setting"] for r in runs.values()}):
+        seeds = sorted({r["seed"] for r in runs.values() if r["setting"] == setting})
+        pairs = [(runs.get(f"{setting}/seed{s}/plain"), runs.get(f"{setting}/seed{s}/dr")) for s in seeds]
+        gaps = [dr["dice"]["all"] - plain["dice"]["all"] for plain, dr in pairs if plain and dr]
+        if gaps:
+            rows.append(
+                Row(
+                    "public_pretraining",
+                    f"{setting}: held-out Dice, domain-randomized − plain public pretraining ({len(gaps)} seeds)",
+                    f"{min(gaps):+.3f} .. {max(gaps):+.3f}",
+                    "–",
+                    "–",
+                )
+            )
+    return rows
+
+
+def subspace_capacity(d: dict[str, Any]) -> list[Row]:
+    """Share of the all-weights gain over the public model each trained subspace recovers (non-private FedAvg)."""
+    rows = []
+    for seed, ctx in d["context"].items():
+        public = ctx["public_test"]["all"]
+        runs = [r for r in d["rows"] if str(r["seed"]) == str(seed)]
+        full = next((r["test"]["all"] for r in runs if r["spec"] == "all"), None)
+        for r in runs:
+            if r["spec"] == "all" or full is None or full <= public:
+                continue
+            share = (r["test"]["all"] - public) / (full - public)
+            rows.append(
+                Row(
+                    "subspace_capacity",
+                    f"seed {seed}: {r['spec']} ({r['trained_weights']:,} weights) share of the all-weights gain",
+                    f"{share:.0%} ({r['test']['all']:.3f} vs {full:.3f}, public {public:.3f})",
+                    "≥ 80 %",
+                    _verdict(share >= 0.8),
+                )
+            )
+    return rows
+
+
 SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "infer": infer,
     "infer_feta": lambda d: infer(d, "infer_feta"),
@@ -327,6 +383,9 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "privacy_utility_public96": lambda d: privacy_utility(d, "privacy_utility_public96"),  # stronger public start
     "load": load,
     "baseline": baseline,
+    "privacy_utility_dpgd": lambda d: privacy_utility_runs(d, "privacy_utility_dpgd"),  # full-batch DP-GD per subspace
+    "public_pretraining": public_pretraining,
+    "subspace_capacity": subspace_capacity,
 }
 
 

@@ -12,12 +12,14 @@ MONAI's ``--key value`` command-line overrides do, instead of editing the JSON.
 from __future__ import annotations
 
 import pydoc
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
+from monai.bundle.config_item import ComponentLocator
 
 from fetalseg.paths import bundle_dir
 
@@ -27,6 +29,19 @@ CONFIG_FILES = {
     "common": ("common.json",),
 }
 CHECKPOINT_NAME = "model.pt"
+
+
+class _SnapshotLocator(ComponentLocator):
+    """MONAI's locator, reading ``sys.modules`` from a copy.
+
+    MONAI walks ``sys.modules`` key by key in Python; when another thread imports meanwhile (an NVFlare site's
+    communication threads do, right after ``flare.init()``) the walk raises "dictionary changed size during
+    iteration" and the site dies at start-up (seen in about 1 in 6 site starts under load). ``list(sys.modules)``
+    copies the keys in one C call under the GIL, so the walk sees one consistent set.
+    """
+
+    def _find_module_names(self) -> list[str]:
+        return [m for m in list(sys.modules) if m.startswith(self.MOD_START) and all(s not in m for s in self.excludes)]
 
 
 class Bundle:
@@ -46,6 +61,7 @@ class Bundle:
         self.root = Path(root).resolve() if root is not None else bundle_dir()
         self.overrides = dict(overrides or {})
         self.parser = ConfigParser()
+        self.parser.locator = _SnapshotLocator()  # see the class: thread-safe module listing
         self.parser.read_meta(str(self.root / "configs" / "metadata.json"))
         files = [self.root / "configs" / name for name in CONFIG_FILES[purpose]]
         self.variant = variant

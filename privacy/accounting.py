@@ -97,6 +97,13 @@ def epsilon_for_history(history: History, *, delta: float, accountant: Accountan
         # PRV at sample_rate = 1 takes log(0) on a branch it then discards; not an error.
         warnings.simplefilter("ignore", RuntimeWarning)
         eps = float(acc.get_epsilon(delta=delta))
+        if accountant == "prv" and eps == math.inf:
+            # PRV's discretised domain cannot hold very large ε (e.g. σ=0.5, q=0.5, 910 steps gives inf): RDP's
+            # conversion is also a valid upper bound, only looser, so the claim "ε ≤ value" still holds.
+            log.info("PRV returned ε=inf for %s at δ=%g; reporting RDP's (looser, still valid) bound", entries, delta)
+            rdp = RDPAccountant()
+            rdp.history = list(entries)
+            eps = float(rdp.get_epsilon(delta=delta))
     if not math.isfinite(eps) or eps < 0:
         raise ArithmeticError(f"{accountant} accountant returned ε={eps} for {entries} at δ={delta}")
     return eps

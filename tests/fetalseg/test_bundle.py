@@ -120,3 +120,35 @@ def test_model_saved_before_affine_norm_loads_unchanged(tmp_path):
     torch.save({"model": broken}, tmp_path / "broken.pt")
     with pytest.raises(RuntimeError, match="Missing key"):
         load_checkpoint(fresh, tmp_path / "broken.pt")
+
+
+def test_component_lookup_survives_imports_in_another_thread() -> None:
+    """NVFlare threads import while a site parses the bundle; MONAI's own walk of sys.modules raised
+    'dictionary changed size during iteration' then. Here a thread keeps adding modules during every lookup."""
+    import sys
+    import threading
+    import types
+
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            name = f"monai_fetalseg_churn_{i % 50}"
+            sys.modules[name] = types.ModuleType(name)
+            sys.modules.pop(f"monai_fetalseg_churn_{(i + 25) % 50}", None)
+            i += 1
+
+    worker = threading.Thread(target=churn, daemon=True)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a loaded machine does
+    worker.start()
+    try:
+        for _ in range(20):
+            assert Bundle("common").parser.locator.get_component_module_name("UNet")
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        worker.join()
+        for name in [m for m in list(sys.modules) if m.startswith("monai_fetalseg_churn_")]:
+            del sys.modules[name]

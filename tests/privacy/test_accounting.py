@@ -86,10 +86,9 @@ def test_zero_steps_is_zero_epsilon():
     assert epsilon_for_history([], delta=1e-5) == 0.0
 
 
-# no q=1 PRV case: PRV at q=1, ε=1 ran over 7 min at 8.5 GB (full-batch DP-GD plans at q=1 use PRV: to investigate)
 @pytest.mark.parametrize(
     ("target", "q", "steps", "accountant"),
-    [(8.0, 1 / 3, 40, "rdp"), (2.0, 0.05, 1000, "prv"), (1.0, 1.0, 10, "rdp")],
+    [(8.0, 1 / 3, 40, "rdp"), (2.0, 0.05, 1000, "prv"), (1.0, 1.0, 10, "rdp"), (1.0, 1.0, 10, "prv")],
 )
 def test_noise_for_target_reaches_target_tightly(target, q, steps, accountant):
     delta = 1e-5
@@ -177,3 +176,9 @@ def test_full_batch_prv_is_tighter_than_rdp():
     """q = 1 (full-batch DP-GD): the two accountants' σ for ε = 8 over 100 steps."""
     kw = {"target_epsilon": 8.0, "sample_rate": 1.0, "steps": 100, "delta": 1e-5}
     assert noise_multiplier_for_epsilon(**kw, accountant="prv") < noise_multiplier_for_epsilon(**kw, accountant="rdp")
+
+
+def test_prv_out_of_its_domain_reports_rdps_valid_bound_not_inf():
+    history = [(0.5, 0.5, 910)]  # ε in the hundreds: beyond PRV's discretised domain (it returns inf)
+    prv = epsilon_for_history(history, delta=1e-5, accountant="prv")
+    assert prv == epsilon_for_history(history, delta=1e-5, accountant="rdp") and math.isfinite(prv)
