@@ -22,7 +22,7 @@ from monai.utils import set_determinism
 from fetalseg.bundle import Bundle, save_checkpoint
 from fetalseg.data.loaders import Case
 from fetalseg.evaluation import evaluate_cases
-from fetalseg.metrics import CaseMetrics, nanmean
+from fetalseg.metrics import nanmean
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,3 @@ def _progress(*, total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, unit="epoch", leave=False)
-
-
-def score_summary(scores: Sequence[CaseMetrics]) -> float:
-    return nanmean(s.mean_dice for s in scores)

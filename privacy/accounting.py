@@ -171,12 +171,5 @@ def noise_multiplier_for_epsilon(
     return sigma
 
 
-def gaussian_noise_multiplier(*, noise_std: float, sensitivity: float) -> float:
-    """σ in accountant units (noise std ÷ L2 sensitivity) for a Gaussian mechanism."""
-    if not noise_std > 0 or not sensitivity > 0:
-        raise ValueError(f"noise_std and sensitivity must be > 0, got {noise_std!r}, {sensitivity!r}")
-    return float(noise_std) / float(sensitivity)
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)

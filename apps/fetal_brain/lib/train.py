@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from monailabel.interfaces.tasks.train import TrainTask
@@ -193,8 +192,3 @@ class FineTune(TrainTask):
             stats["not_published_because"] = f"validation Dice {dice:.4f} < current model's {baseline:.4f}"
             log.info("kept the current model: %s", stats["not_published_because"])
         return stats
-
-
-def stats_file(model_path: Path) -> Path:
-    """Where a model's fine-tuning outcome is recorded."""
-    return Path(model_path).parent / STATS_FILE

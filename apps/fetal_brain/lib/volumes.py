@@ -17,7 +17,6 @@ import numpy as np
 
 from apps.fetal_brain.lib.errors import UnprocessableError
 from fetalseg.data.io import (
-    NIFTI_SUFFIXES,
     DicomSeriesError,
     Volume,
     is_dicom_series,
@@ -185,7 +184,3 @@ def load_label_for(image_path: str | Path, label_path: str | Path) -> np.ndarray
     if problems:
         raise UnprocessableError(problems)
     return np.asarray(label.array).astype(np.uint8)
-
-
-def is_nifti(path: str | Path) -> bool:
-    return suffix_of(path) in NIFTI_SUFFIXES
