@@ -225,13 +225,15 @@ def _add_user_commands(sub: Any) -> None:
         description="Create, list and revoke bearer tokens for the MONAI Label server started with --conf auth "
         "true. Roles: annotator (info, infer, next case, submit labels, read the datastore), trainer (also "
         "train, add/delete images, download the model, logs), admin (everything). Tokens are stored as salted "
-        "sha256 hashes in the users file (default $FETAL_FL_USERS_FILE or ~/.fetal-fl/app_users.json; the server "
-        "reads the same file, --conf users_file PATH); a running server sees changes at once.",
+        "sha256 hashes in the users file: --users-file, else $FETAL_BRAIN_USERS_FILE, else "
+        "~/.fetal-fl/app_users.json; the server resolves it the same way (--conf users_file PATH or "
+        "$FETAL_BRAIN_USERS_FILE; the old $FETAL_FL_USERS_FILE still works, deprecated). A running server sees "
+        "changes at once.",
     )
     user_sub = user.add_subparsers(dest="user_command", metavar="<user command>")
     user.set_defaults(handler=lambda _args: user.print_help() or 2)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--users-file", help="users/tokens file (default $FETAL_FL_USERS_FILE or ~/.fetal-fl/...)")
+    common.add_argument("--users-file", help="users/tokens file (default $FETAL_BRAIN_USERS_FILE or ~/.fetal-fl/...)")
     add = user_sub.add_parser("add", parents=[common], help="create a token (printed once)")
     add.add_argument("user", help="user name (recorded in the audit log)")
     add.add_argument("--role", choices=("annotator", "trainer", "admin"), default="annotator")

@@ -18,12 +18,15 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import tempfile
 import threading
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,15 @@ from typing import Any
 ROLES = ("annotator", "trainer", "admin")
 TOKEN_PREFIX = "fbt"
 DEFAULT_USERS_FILE = Path("~/.fetal-fl/app_users.json")
+# the app's ``users_file`` setting as an environment variable (``apps.fetal_brain.lib.config.ENV_PREFIX`` + key)
+USERS_FILE_ENV = "FETAL_BRAIN_USERS_FILE"
+# the old name, which ``fetal-fl app user`` read and the server did not: still honoured, with a deprecation warning
+DEPRECATED_USERS_FILE_ENV = "FETAL_FL_USERS_FILE"
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 HEALTH_PATH = "/health"
 PUBLIC = {("GET", HEALTH_PATH), ("HEAD", HEALTH_PATH)}
+
+log = logging.getLogger(__name__)
 
 # (method, path prefix, role): first match wins; a route in none of these needs ``admin``
 ROUTE_ROLES: tuple[tuple[str, str, str], ...] = (
@@ -90,10 +99,24 @@ def required_role(method: str, path: str) -> str | None:
     return "admin"
 
 
-def users_file(value: str | os.PathLike[str] | None = None) -> Path:
-    """The users file: ``value``, else ``$FETAL_FL_USERS_FILE``, else ``~/.fetal-fl/app_users.json``."""
-    text = str(value) if value else os.environ.get("FETAL_FL_USERS_FILE") or str(DEFAULT_USERS_FILE)
-    return Path(text).expanduser().resolve()
+def users_file(value: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> Path:
+    """The users/tokens file, the one answer for the server and ``fetal-fl app user ...``.
+
+    ``value`` (``--conf users_file`` / ``--users-file``), else ``$FETAL_BRAIN_USERS_FILE`` (the app's setting, as
+    every other ``FETAL_BRAIN_<KEY>``), else the deprecated ``$FETAL_FL_USERS_FILE`` (with a warning), else
+    ``~/.fetal-fl/app_users.json``. ``env`` defaults to ``os.environ``.
+    """
+    env = os.environ if env is None else env
+    text = str(value) if value else env.get(USERS_FILE_ENV, "")
+    old = env.get(DEPRECATED_USERS_FILE_ENV, "")
+    if old and not text:
+        message = f"${DEPRECATED_USERS_FILE_ENV} is deprecated: set ${USERS_FILE_ENV} (what the server reads) instead"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        log.warning(message)
+        text = old
+    elif old and Path(old).expanduser().resolve() != Path(text).expanduser().resolve():
+        log.warning("ignoring the deprecated $%s=%s: the users file is %s", DEPRECATED_USERS_FILE_ENV, old, text)
+    return Path(text or DEFAULT_USERS_FILE).expanduser().resolve()
 
 
 def _hash(salt: str, secret: str) -> str:

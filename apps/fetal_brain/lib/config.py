@@ -27,8 +27,9 @@ Keys (all optional):
 * ``auth`` (default false): require ``Authorization: Bearer <token>`` on every route but ``/health`` (roles:
   annotator, trainer, admin; see :mod:`apps.fetal_brain.lib.auth`). The server refuses to start with auth off
   when it is bound to a non-loopback address or serves remote clients (``allow_remote``).
-* ``users_file``: the users/tokens file ``fetal-fl app user add`` writes (default ``$FETAL_FL_USERS_FILE`` or
-  ``~/.fetal-fl/app_users.json``).
+* ``users_file``: the users/tokens file ``fetal-fl app user add`` writes; the server and that command both resolve
+  it with :func:`apps.fetal_brain.lib.auth.users_file` (this key, else ``$FETAL_BRAIN_USERS_FILE``, else the
+  deprecated ``$FETAL_FL_USERS_FILE``, else ``~/.fetal-fl/app_users.json``).
 * ``audit_log``: who saved which label and started which training (default ``$FETAL_FL_APP_AUDIT_LOG`` or
   ``~/.fetal-fl/audit/monailabel.jsonl``).
 * ``cors_origins``: comma-separated browser origins allowed by CORS (default: the server's own origin only).
@@ -56,6 +57,7 @@ from typing import Any
 
 import torch
 
+from apps.fetal_brain.lib.auth import users_file as resolve_users_file
 from fetalseg.bundle import Bundle, variants
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,7 @@ class AppConfig:
                 else None
             ),
             auth=_bool(raw.get("auth", False), "auth"),
-            users_file=Path(str(raw["users_file"])).expanduser().resolve() if raw.get("users_file") else None,
+            users_file=resolve_users_file(raw["users_file"]) if raw.get("users_file") else None,
             cors_origins=_origins(raw.get("cors_origins")),
             audit_log=Path(str(raw["audit_log"])).expanduser().resolve() if raw.get("audit_log") else None,
             entropy_candidates=int(
