@@ -172,13 +172,17 @@ class DPSGDConfig:
         return asdict(self)
 
     # -- what follows from the dataset -------------------------------------------------------------------------
-    def check_dataset(self, dataset_size: int) -> None:
-        """δ must be well below 1/N: with δ ≥ 1/N, releasing one random case verbatim would satisfy (ε, δ)-DP."""
+    def check_dataset(self, dataset_size: int, *, where: str = "delta") -> None:
+        """δ must be well below 1/N: with δ ≥ 1/N, releasing one random case verbatim would satisfy (ε, δ)-DP.
+
+        Called with the site's number of training cases before anything is built or trained (the site is the only
+        one that knows N); ``where`` names the setting in the error (e.g. ``privacy.dp_sgd.delta``)."""
         _int_at_least("dataset_size", dataset_size, 1)
         if self.delta >= 1.0 / dataset_size:
             raise ValueError(
-                f"delta={self.delta:g} must be < 1/N = {1.0 / dataset_size:.3g} for N={dataset_size} cases "
-                f"(a δ that large allows leaking a whole case); use e.g. delta <= {0.1 / dataset_size:.1g}"
+                f"{where}={self.delta:g} must be < 1/N = {1.0 / dataset_size:.3g} for N={dataset_size} training "
+                f"cases (with δ ≥ 1/N a mechanism that publishes one whole case satisfies (ε, δ)-DP): set {where} "
+                f"to {DEFAULT_DELTA:g} (the project's δ) or at most {0.1 / dataset_size:.1g} = 1/(10·N)"
             )
 
     def planned_total_steps(self, *, dataset_size: int, batch_size: int | None) -> int | None:

@@ -105,6 +105,9 @@ class SiteTrainer:
             len(self.test_cases),
             self.data_dir,
         )
+        dp_settings = dp_settings_for(config, site)  # with the job's plan: the one the site's policy checked
+        if dp_settings is not None:  # δ against this site's N before any data is cached or any model is built
+            self._check_dp_settings(dp_settings)
         torch.manual_seed(config.seed + zlib.crc32(site.encode()) % 10_000)
         self.bundle = Bundle("train", overrides=config.bundle_overrides)
         self.model = FetalBrainNet(config.bundle_overrides, init_seed=None).to(self.device)
@@ -121,7 +124,6 @@ class SiteTrainer:
         self.privacy_engine: Any = None
         self.ledger: Any = None
         self.dataset_id = f"{site}/{self.data_dir.name}"
-        dp_settings = dp_settings_for(config, site)  # with the job's plan: the one the site's policy checked
         if dp_settings is not None and self.view.module is not self.model:
             # DP-SGD wraps self.model; an adapter module would train outside it: refuse rather than leak
             raise DPSGDUnavailableError(
@@ -132,6 +134,25 @@ class SiteTrainer:
             self._enable_dp_sgd(dp_settings, dataset_size=len(dataset))
 
     # -- DP-SGD -----------------------------------------------------------------------------------------------
+    def _check_dp_settings(self, settings: Mapping[str, Any]) -> None:
+        """Refuse DP-SGD settings this site cannot honour, before any training: only the site knows its N, and a
+        δ ≥ 1/N (N training cases) would allow publishing a whole case."""
+        try:
+            from privacy.dpsgd import DPSGDConfig
+        except ImportError as e:
+            raise DPSGDUnavailableError(
+                f"site {self.site}: the job requires DP-SGD but privacy.dpsgd cannot be imported ({e}); "
+                "refusing to train without it"
+            ) from e
+        own = self.site in self.config.site_dp_sgd
+        where = f"privacy.sites.{self.site}.dp_sgd.delta" if own else "privacy.dp_sgd.delta"
+        try:
+            DPSGDConfig.from_dict(settings).check_dataset(len(self.train_cases), where=where)
+        except ValueError as e:
+            raise DPSGDUnavailableError(
+                f"site {self.site}: DP-SGD could not be set up, refused before any training: {e}"
+            ) from e
+
     def _enable_dp_sgd(self, settings: Mapping[str, Any], *, dataset_size: int) -> None:
         """Wrap model, optimizer and loader once for the job; check the site's privacy budget before training."""
         try:
