@@ -1,18 +1,21 @@
-"""Run every benchmark and rewrite the README's benchmark section from their results.
+"""Run every benchmark and rewrite the benchmark page (``docs/benchmarks.md``) from their results.
 
-    python bench/run_all.py            # full runs (hours on 2 cores), results in bench/results/, README updated
-    python bench/run_all.py --quick    # smoke runs in minutes, results in bench/results/quick/, README updated
-    python bench/run_all.py --only dp,infer --no-readme
+    python bench/run_all.py              # full runs (hours on 2 cores), results in bench/results/, page updated
+    python bench/run_all.py --quick      # smoke runs in minutes, results in bench/results/quick/, page updated
+    python bench/run_all.py --only dp,infer --no-docs
+    python bench/run_all.py --docs-only  # just rewrite the page from the results already there
 
-The README section lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->``; it is replaced by one table of
-headline measures with their goals and computed verdicts (``bench/summary.py``, from each ``<results>/*.json``),
-then the title and first table of any result it has no summary for, and links to every full table: the README
-always shows what the scripts last measured.
+The page's generated section lies between ``<!-- bench:start -->`` and ``<!-- bench:end -->``; it is replaced by
+one table of headline measures with their goals and computed verdicts (``bench/summary.py``, from each
+``<results>/*.json``), then the title and first table of any result it has no summary for, and links to every full
+table: the page always shows what the scripts last measured. The README keeps a short hand-picked table of
+headline numbers that links to the page.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +28,7 @@ sys.path[:0] = [p for p in (str(HERE), str(REPO)) if p not in sys.path]
 import summary  # noqa: E402  (bench/summary.py: the headline table)
 
 RESULTS = HERE / "results"
-README = REPO / "README.md"
+PAGE = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 # name -> (script, extra arguments for --quick). Only bench_fl.py has its own --quick; the others get small sizes.
@@ -53,7 +56,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
 
 
 class MarkerError(ValueError):
-    """The README lacks the benchmark markers (or has them in the wrong order)."""
+    """The benchmark page lacks the markers (or has them in the wrong order)."""
 
 
 def replace_section(text: str, body: str, *, start: str = START, end: str = END) -> str:
@@ -61,9 +64,9 @@ def replace_section(text: str, body: str, *, start: str = START, end: str = END)
     i, j = text.find(start), text.find(end)
     if i < 0 or j < 0:
         missing = [m for m, k in ((start, i), (end, j)) if k < 0]
-        raise MarkerError(f"README has no {' and no '.join(missing)} marker: add both around the benchmark section")
+        raise MarkerError(f"the page has no {' and no '.join(missing)} marker: add both around the benchmark section")
     if j < i:
-        raise MarkerError(f"README has {end} before {start}")
+        raise MarkerError(f"the page has {end} before {start}")
     return text[: i + len(start)] + "\n" + body.strip() + "\n" + text[j:]
 
 
@@ -79,12 +82,23 @@ def _first_table(path: Path) -> tuple[str, list[str]]:
     return title, table
 
 
-def summarize_results(folder: Path) -> str:
-    """Headline table (goals, verdicts) from the JSON results; title and first table of the others; links."""
+def _link(path: Path, base: Path) -> str:
+    """``path`` as a Markdown link target from a page in folder ``base``: relative inside the repository."""
+    path = path.resolve()
+    if not path.is_relative_to(REPO):
+        return path.as_posix()
+    return Path(os.path.relpath(path, base.resolve())).as_posix()
+
+
+def summarize_results(folder: Path, *, base: Path = REPO) -> str:
+    """Headline table (goals, verdicts) from the JSON results; title and first table of the others; links.
+
+    Links are relative to ``base``, the folder of the page the text goes into.
+    """
     rows: list[summary.Row] = []
     parts, links = [], []
     for path in sorted(folder.glob("*.md")):
-        rel = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        rel = Path(_link(path, base))
         links.append(f"[{path.stem}]({rel})")
         data = path.with_suffix(".json")
         if path.stem in summary.SUMMARIZERS and data.exists():
@@ -98,13 +112,15 @@ def summarize_results(folder: Path) -> str:
     return "\n\n".join(body + parts + ["Full tables: " + ", ".join(links) + "."])
 
 
-def update_readme(folder: Path, readme: Path = README) -> Path:
-    """Rewrite the README's benchmark section from ``folder``; raises :class:`MarkerError` without markers."""
-    text = readme.read_text()
+def update_page(folder: Path, page: Path = PAGE) -> Path:
+    """Rewrite the page's benchmark section from ``folder``; raises :class:`MarkerError` without markers."""
+    text = page.read_text()
     shown = folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder
-    body = f"_Regenerated by `python bench/run_all.py` from `{shown}/`._\n\n" + summarize_results(folder)
-    readme.write_text(replace_section(text, body))
-    return readme
+    body = f"_Regenerated by `python bench/run_all.py` from `{shown}/`._\n\n" + summarize_results(
+        folder, base=page.resolve().parent
+    )
+    page.write_text(replace_section(text, body))
+    return page
 
 
 def run(names: list[str], *, quick: bool, out: Path) -> dict[str, int]:
@@ -127,17 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke runs; results in bench/results/quick/")
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
-    ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
-    ap.add_argument("--readme-only", action="store_true", help="only rewrite the README from existing results")
+    ap.add_argument("--no-docs", "--no-readme", action="store_true", help=f"do not rewrite {PAGE.relative_to(REPO)}")
+    ap.add_argument(
+        "--docs-only",
+        "--readme-only",
+        action="store_true",
+        help=f"only rewrite {PAGE.relative_to(REPO)} from existing results",
+    )
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
     folder = RESULTS / "quick" if args.quick else RESULTS
-    codes = {} if args.readme_only else run(names, quick=args.quick, out=folder)
-    if not args.no_readme:
-        print(f"README benchmark section rewritten: {update_readme(folder)}")
+    codes = {} if args.docs_only else run(names, quick=args.quick, out=folder)
+    if not args.no_docs:
+        print(f"benchmark page rewritten: {update_page(folder)}")
     failed = [n for n, c in codes.items() if c != 0]
     if failed:
         print(f"failed: {failed}", file=sys.stderr)

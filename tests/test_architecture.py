@@ -1,4 +1,5 @@
-"""The dependency directions of ../shared/architecture.md, checked on the import statements of every module.
+"""The dependency directions of docs/architecture.md ("Who may import whom"), checked on the import statements of
+every module. Change that page and this test together.
 
 - core (fetalseg) imports neither monailabel nor nvflare, nor any other part of the project;
 - privacy imports fetalseg and opacus; only its NVFlare adapter module may import nvflare;
@@ -72,6 +73,13 @@ def test_slicer_extension_imports_nothing_of_the_project():
         for path in lib.rglob("*.py"):
             bad = {n for n in _imports(path) if n.split(".")[0] in {"slicer", "qt", "ctk", "vtk"}}
             assert not bad, f"{path.relative_to(REPO_ROOT)} imports {bad}"
+
+
+def test_the_rules_checked_here_are_the_documented_ones():
+    page = (REPO_ROOT / "docs" / "architecture.md").read_text()
+    assert "tests/test_architecture.py" in page
+    # the one allowed exception is named where the rules are written down
+    assert "privacy/nvflare_filters.py" in page
 
 
 def test_the_scanner_sees_imports(tmp_path):

@@ -1,4 +1,5 @@
-"""bench/run_all.py: the one command that runs every benchmark and rewrites the README's benchmark section."""
+"""bench/run_all.py: the one command that runs every benchmark and rewrites the benchmark page's generated section
+(docs/benchmarks.md; the README keeps a short hand-picked table that links there)."""
 
 from __future__ import annotations
 
@@ -42,20 +43,20 @@ def test_the_section_between_the_markers_is_replaced_and_the_rest_kept() -> None
 @pytest.mark.parametrize(
     "text", ["no markers at all", "<!-- bench:start --> only start", "<!-- bench:end -->\n<!-- bench:start -->"]
 )
-def test_a_readme_without_proper_markers_is_an_error_not_a_rewrite(text: str) -> None:
+def test_a_page_without_proper_markers_is_an_error_not_a_rewrite(text: str) -> None:
     with pytest.raises(run_all.MarkerError):
         run_all.replace_section(text, "body")
 
 
-def test_the_readme_section_shows_the_title_and_first_table_of_each_result(tmp_path: Path) -> None:
+def test_the_page_section_shows_the_title_and_first_table_of_each_result(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
     (results / "alpha.md").write_text("# Alpha bench\n\ntext\n\n| k | v |\n|---|---|\n| x | 0.5 |\n\n| second | t |\n")
     (results / "beta.md").write_text("# Beta bench\n\nno table here\n")
-    readme = tmp_path / "README.md"
-    readme.write_text("top\n<!-- bench:start -->\nstale\n<!-- bench:end -->\nbottom\n")
-    run_all.update_readme(results, readme=readme)
-    text = readme.read_text()
+    page = tmp_path / "benchmarks.md"
+    page.write_text("top\n<!-- bench:start -->\nstale\n<!-- bench:end -->\nbottom\n")
+    run_all.update_page(results, page=page)
+    text = page.read_text()
     assert "stale" not in text and "top\n" in text and text.endswith("bottom\n")
     assert "**Alpha bench**" in text and "| x | 0.5 |" in text and "| second | t |" not in text
     assert "**Beta bench**" in text and "(no table)" in text
@@ -91,3 +92,19 @@ def test_results_with_a_summary_become_rows_with_goals_and_the_rest_keep_their_t
     assert "stale" not in text  # a summarized result is not repeated as its first table
     assert "**Other bench**" in text and "| x | 1 |" in text
     assert "[infer](" in text and "[other](" in text  # links to every full table
+
+
+def test_the_generated_section_lives_in_docs_and_the_readme_links_to_it() -> None:
+    assert run_all.PAGE == REPO / "docs" / "benchmarks.md"
+    page = run_all.PAGE.read_text()
+    assert page.count(run_all.START) == 1 and page.count(run_all.END) == 1
+    readme = (REPO / "README.md").read_text()
+    assert run_all.START not in readme  # the README keeps a short hand-picked table, not the generated one
+    assert "docs/benchmarks.md" in readme
+
+
+def test_links_are_relative_to_the_page_they_are_written_into() -> None:
+    results = REPO / "bench" / "results"
+    from_docs = run_all.summarize_results(results, base=REPO / "docs")
+    assert "](../bench/results/baseline.md)" in from_docs
+    assert "](bench/results/baseline.md)" in run_all.summarize_results(results)  # from the repository root
