@@ -1,6 +1,6 @@
-"""The README's benchmark table: one row per headline measure, read from the benchmarks' JSON results, with its goal.
+"""The benchmark table of docs/benchmarks.md: one row per headline measure, read from the benchmarks' JSON results, with its goal.
 
-Why a module: the README must show what the scripts last measured and whether each goal is met, and nobody should
+Why a module: docs/benchmarks.md must show what the scripts last measured and whether each goal is met, and nobody should
 type those numbers by hand. Each benchmark's result file ``bench/results/<name>.json`` is read by one function
 here that knows its layout; a result without such a function (or without JSON) is shown by ``run_all`` as the
 title and first table of its Markdown file instead. Verdicts are computed from the numbers, never written.

@@ -1,4 +1,4 @@
-"""bench/summary.py: the README's headline table is computed from the results, verdicts included."""
+"""bench/summary.py: the headline table of docs/benchmarks.md is computed from the results, verdicts included."""
 
 from __future__ import annotations
 
