@@ -8,6 +8,26 @@ from, and an auditor can read what a site agreed to.
 Validation is strict on purpose: an unknown key (a typo such as ``"percentil"``) or a value NVFlare would
 accept and then silently ignore (a percentile filter with ``gamma <= 0`` passes updates through unfiltered)
 is an error here, never a quietly weaker privacy setting.
+
+``server.aggregation`` chooses how the server combines a round's weight DIFFs
+(:mod:`nvflare_jobs.robust_aggregation`)::
+
+    "server": {"aggregation": {"method": "trimmed_mean", "trim_fraction": 0.2, "clip_update_norm": 5.0}}
+
+* ``method``: ``"mean"`` (default: NVFlare's step-weighted FedAvg mean, bit-identical to jobs without the key),
+  ``"trimmed_mean"`` (coordinate-wise: drop the ``floor(trim_fraction * n)`` lowest and highest of the ``n`` sites'
+  values of every weight, average the rest) or ``"median"`` (coordinate-wise median). The last two are unweighted
+  (a site's step count is self-reported; weighting by it would let a poisoning site buy a majority) and hold a
+  round's updates in memory.
+* ``trim_fraction`` (``trimmed_mean`` only, required there): in ``[0, 0.5)``; it must drop at least one site per
+  side at the job's number of sites (anything less is the plain mean). A round with fewer updates than sites
+  trims ``floor(trim_fraction * n)`` of what arrived (logged when that is none).
+* ``clip_update_norm`` (any method; default null = no bound): each site's DIFF is scaled to at most this L2 norm
+  before combining; it must be below ``max_update_norm`` (the guard rejects anything above that, so a larger clip
+  would never act).
+
+DP noise is added at the sites: this is post-processing and changes no ε. Secure aggregation (the server sees only
+the sum) cannot be combined with ``median``, ``trimmed_mean`` or server-side clipping.
 """
 
 from __future__ import annotations
@@ -22,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 ALGORITHMS = ("fedavg", "fedprox", "fedopt")
+AGGREGATION_METHODS = ("mean", "trimmed_mean", "median")  # nvflare_jobs.robust_aggregation.METHODS
 # Project filters (privacy.nvflare_filters) by short name; their own constructors check their arguments.
 PROJECT_FILTERS = {
     "fail_closed_percentile": "privacy.nvflare_filters.FailClosedPercentilePrivacy",
@@ -239,6 +260,48 @@ def _check_local(local: Any, trained_parameters: str) -> tuple[str, int]:
     return spec, epochs
 
 
+def _check_aggregation(agg: Any, *, n_sites: int, max_update_norm: float) -> tuple[str, float, float | None]:
+    """``server.aggregation``: ``(method, trim_fraction, clip_update_norm)``; see the module docstring."""
+    if agg is None:
+        return "mean", 0.0, None
+    if not isinstance(agg, Mapping):
+        raise ConfigError(f"server.aggregation must be an object such as {{'method': 'median'}}, got {agg!r}")
+    _check_keys("server.aggregation", agg, ["method", "trim_fraction", "clip_update_norm"])
+    method = agg.get("method", "mean")
+    if method not in AGGREGATION_METHODS:
+        raise ConfigError(f"server.aggregation.method must be one of {list(AGGREGATION_METHODS)}, got {method!r}")
+    trim = 0.0
+    if method == "trimmed_mean":
+        if "trim_fraction" not in agg:
+            raise ConfigError("server.aggregation.trim_fraction must be set for trimmed_mean (e.g. 0.2)")
+        trim = float(_number("server.aggregation.trim_fraction", agg["trim_fraction"], low=0))
+        if trim >= 0.5:
+            raise ConfigError(
+                f"server.aggregation.trim_fraction must be < 0.5 (it is dropped at each end; at least one site must "
+                f"remain), got {trim!r}"
+            )
+        from nvflare_jobs.robust_aggregation import trim_count
+
+        k = trim_count(n_sites, trim)
+        if k == 0:
+            raise ConfigError(
+                f"server.aggregation.trim_fraction={trim:g} trims floor({trim:g} x {n_sites}) = 0 sites per side at "
+                f"the job's {n_sites} sites: that is the plain mean; use at least {math.ceil(1e4 / n_sites) / 1e4:g} "
+                "(or median)"
+            )
+    elif "trim_fraction" in agg:
+        raise ConfigError(f"server.aggregation.trim_fraction only applies to trimmed_mean (method is {method!r})")
+    clip = agg.get("clip_update_norm")
+    if clip is not None:
+        clip = float(_number("server.aggregation.clip_update_norm", clip, low=0, strict_low=True))
+        if clip >= max_update_norm:
+            raise ConfigError(
+                f"server.aggregation.clip_update_norm={clip:g} must be below server.max_update_norm="
+                f"{max_update_norm:g}: the guard rejects every update above that, so this clip would never act"
+            )
+    return method, trim, clip
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """A validated job config; build it with :func:`load_config` or :meth:`JobConfig.from_dict`."""
@@ -278,6 +341,15 @@ class JobConfig:
     # the site-local part (never sent): fetalseg.subspace groups, and non-DP fine-tune passes after the job
     local_parameters: str = "none"
     local_fine_tune_epochs: int = 0
+    # server.aggregation (nvflare_jobs.robust_aggregation): how a round's DIFFs are combined
+    aggregation_method: str = "mean"
+    trim_fraction: float = 0.0
+    clip_update_norm: float | None = None
+
+    @property
+    def robust_aggregation(self) -> bool:
+        """True when the job needs the robust aggregator (anything but the plain, unclipped FedAvg mean)."""
+        return self.aggregation_method != "mean" or self.clip_update_norm is not None
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
@@ -389,10 +461,15 @@ class JobConfig:
 
         server = d.get("server", {})
         _check_keys(
-            "server", server, ["max_update_norm", "straggler_wait_s", "task_timeout_s", "task_request_interval_s"]
+            "server",
+            server,
+            ["max_update_norm", "straggler_wait_s", "task_timeout_s", "task_request_interval_s", "aggregation"],
         )
         max_norm = float(
             _number("server.max_update_norm", server.get("max_update_norm", 1.0e3), low=0, strict_low=True)
+        )
+        aggregation_method, trim_fraction, clip_update_norm = _check_aggregation(
+            server.get("aggregation"), n_sites=len(sites), max_update_norm=max_norm
         )
         straggler = _int("server.straggler_wait_s", server.get("straggler_wait_s", 60), low=0)
         task_timeout = _int("server.task_timeout_s", server.get("task_timeout_s", 0), low=0)
@@ -475,6 +552,9 @@ class JobConfig:
             trained_parameters=trained_parameters,
             local_parameters=local_parameters,
             local_fine_tune_epochs=local_fine_tune_epochs,
+            aggregation_method=aggregation_method,
+            trim_fraction=trim_fraction,
+            clip_update_norm=clip_update_norm,
         )
 
     # ------------------------------------------------------------------------------------------------------

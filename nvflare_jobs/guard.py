@@ -81,13 +81,20 @@ class UpdateGuard(Filter):
     Args:
         max_norm: largest accepted global L2 norm of a weight DIFF (full weights are only checked for
             non-finite values).
+        data_kind: the one model data kind the job's workflow aggregates (``"WEIGHT_DIFF"`` for the fetal brain
+            job); a model update of the other kind is rejected. Otherwise a site could send full WEIGHTS into a
+            DIFF job, escaping the norm limit and being added to the global model as if it were a DIFF. None
+            (the default) accepts both kinds.
     """
 
-    def __init__(self, max_norm: float = 1.0e3) -> None:
+    def __init__(self, max_norm: float = 1.0e3, data_kind: str | None = None) -> None:
         super().__init__()
         if not (isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+        if data_kind is not None and data_kind not in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS):
+            raise ValueError(f"data_kind must be 'WEIGHT_DIFF', 'WEIGHTS' or None, got {data_kind!r}")
         self.max_norm = float(max_norm)
+        self.data_kind = None if data_kind is None else str(DataKind(data_kind).value)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
@@ -99,7 +106,11 @@ class UpdateGuard(Filter):
         if dxo.data_kind not in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS):
             return shareable
         limit = self.max_norm if dxo.data_kind == DataKind.WEIGHT_DIFF else None
-        verdict = inspect_update(dxo.data or {}, max_norm=limit)
+        if self.data_kind is not None and dxo.data_kind != self.data_kind:
+            kind = getattr(dxo.data_kind, "value", dxo.data_kind)
+            verdict = UpdateVerdict(False, f"a {kind} update where the job aggregates {self.data_kind}", 0.0, 0, 0)
+        else:
+            verdict = inspect_update(dxo.data or {}, max_norm=limit)
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name(default="?") if peer else "?"
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, None)

@@ -16,7 +16,10 @@ What the recipe wires (all from the config; see ``docs/site_admin.md`` for the k
 * client privacy filters (per site, per task; a site policy's ``RequireDPSGD`` also on incoming tasks, so a job
   planning more ε than the site allows is refused before it trains), the server's
   :class:`~nvflare_jobs.guard.UpdateGuard`, and the job's privacy ``scope`` in its meta for the sites'
-  ``privacy.json`` policies.
+  ``privacy.json`` policies;
+* ``server.aggregation``: NVFlare's own FedAvg mean by default (no aggregator component: unchanged numbers), else
+  :class:`~nvflare_jobs.robust_aggregation.RobustAggregator` (norm bounding, coordinate-wise trimmed mean or
+  median) as the workflow's aggregator.
 
 The client side (:mod:`nvflare_jobs.fetal_brain.client`) and this config file are the only things copied into the
 job folder; ``fetalseg``, ``privacy`` and ``nvflare_jobs`` are installed at every site (the ``fetal-fl`` package).
@@ -54,6 +57,7 @@ from nvflare_jobs.controllers import FetalFedAvg, FetalFedOpt
 from nvflare_jobs.fetal_brain.model import FetalBrainNet, write_initial_model
 from nvflare_jobs.filters import build_class_filter, build_filter, client_dp_norm_bound
 from nvflare_jobs.guard import UpdateGuard
+from nvflare_jobs.robust_aggregation import RobustAggregator
 from nvflare_jobs.site_policy import RequireDPSGD
 
 log = logging.getLogger(__name__)
@@ -124,6 +128,7 @@ class FetalBrainRecipe(FedAvgRecipe):
             launch_external_process=config.external_process,
             command=command,
             params_transfer_type=TransferType.DIFF,
+            aggregator=self._aggregator(),
             aggregator_data_kind=DataKind.WEIGHT_DIFF,
             key_metric=KEY_METRIC,
             key_metric_mode="max",
@@ -142,7 +147,9 @@ class FetalBrainRecipe(FedAvgRecipe):
         if any(spec.needs_sparse_decoder for spec in config.filters):  # sparse updates become dense first...
             self.add_server_input_filter(build_class_filter(SPARSE_DECODER, {}), tasks=[TRAIN_TASK])
         # ...then every update is checked before it can reach the aggregator
-        self.add_server_input_filter(UpdateGuard(max_norm=self._guard_max_norm()), tasks=[TRAIN_TASK])
+        # (only weight DIFFs: a full-weights "update" would escape the norm limit and be added as a DIFF)
+        guard = UpdateGuard(max_norm=self._guard_max_norm(), data_kind=DataKind.WEIGHT_DIFF.value)
+        self.add_server_input_filter(guard, tasks=[TRAIN_TASK])
         self._job.to_server(
             BundleCheckpointWriter(bundle_overrides=config.bundle_overrides, initialized_from=self.initial_model),
             id="bundle_checkpoint",
@@ -187,6 +194,16 @@ class FetalBrainRecipe(FedAvgRecipe):
             }
             for spec in self.config.filters
         ]
+
+    def _aggregator(self) -> RobustAggregator | None:
+        """``server.aggregation``: None (NVFlare's built-in FedAvg mean, as before) unless a robust method or a clip
+        norm is configured."""
+        cfg = self.config
+        if not cfg.robust_aggregation:
+            return None
+        return RobustAggregator(
+            method=cfg.aggregation_method, trim_fraction=cfg.trim_fraction, clip_update_norm=cfg.clip_update_norm
+        )
 
     def _guard_max_norm(self) -> float:
         """``server.max_update_norm``, raised to what client-DP noise adds (else every noised update is rejected)."""

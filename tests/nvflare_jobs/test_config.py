@@ -54,6 +54,20 @@ def test_defaults_are_fedavg_on_three_sites() -> None:
         ({"tracking": "mlflow"}, "tracking"),
         ({"initial_checkpoint": ""}, "initial_checkpoint"),
         ({"initial_checkpoint": {"path": "x.pt"}}, "initial_checkpoint"),
+        ({"server": {"aggregation": "median"}}, r"server\.aggregation must be an object"),
+        ({"server": {"aggregation": {"method": "krum"}}}, r"server\.aggregation\.method"),
+        ({"server": {"aggregation": {"metod": "median"}}}, "unknown key"),
+        ({"server": {"aggregation": {"method": "trimmed_mean"}}}, r"trim_fraction must be set"),
+        (
+            {"server": {"aggregation": {"method": "trimmed_mean", "trim_fraction": 0.5}}},
+            r"trim_fraction must be < 0\.5",
+        ),
+        ({"server": {"aggregation": {"method": "trimmed_mean", "trim_fraction": -0.1}}}, r"trim_fraction must be >= 0"),
+        ({"server": {"aggregation": {"method": "trimmed_mean", "trim_fraction": 0.3}}}, r"0 sites per side.*0\.3334"),
+        ({"server": {"aggregation": {"method": "median", "trim_fraction": 0.2}}}, "only applies to trimmed_mean"),
+        ({"server": {"aggregation": {"clip_update_norm": 0}}}, r"clip_update_norm must be > 0"),
+        ({"server": {"aggregation": {"clip_update_norm": "5"}}}, r"clip_update_norm must be a finite number"),
+        ({"server": {"aggregation": {"clip_update_norm": 1000.0}}}, r"clip_update_norm=1000 must be below"),
     ],
 )
 def test_bad_configs_are_refused_with_the_key_named(changes: dict, message: str) -> None:
@@ -122,3 +136,19 @@ def test_the_old_val_fraction_is_accepted_only_where_it_means_the_shared_split()
     for value in (0.3, 0.0, "0.25", True):
         with pytest.raises(ConfigError, match=r"data\.val_fraction.*no longer used.*split_site"):
             JobConfig.from_dict({"data": {"val_fraction": value}})
+
+
+def test_aggregation_defaults_to_the_plain_mean_and_is_read_when_given() -> None:
+    cfg = JobConfig.from_dict({})
+    assert (cfg.aggregation_method, cfg.trim_fraction, cfg.clip_update_norm) == ("mean", 0.0, None)
+    assert not cfg.robust_aggregation
+    agg = {"method": "trimmed_mean", "trim_fraction": 0.2, "clip_update_norm": 5}
+    cfg = JobConfig.from_dict({"sites": [f"site-{i}" for i in range(10)], "server": {"aggregation": agg}})
+    assert (cfg.aggregation_method, cfg.trim_fraction, cfg.clip_update_norm) == ("trimmed_mean", 0.2, 5.0)
+    assert (
+        cfg.robust_aggregation
+        and JobConfig.from_dict({"server": {"aggregation": {"method": "median"}}}).robust_aggregation
+    )
+    assert JobConfig.from_dict({"server": {"aggregation": {"clip_update_norm": 1.0}}}).robust_aggregation
+    # 1/3 of 3 sites trims one per side; the same fraction at 10 sites trims 3
+    assert JobConfig.from_dict({"server": {"aggregation": {"method": "trimmed_mean", "trim_fraction": 1 / 3}}})
