@@ -202,11 +202,6 @@ def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
     return math.ceil(dataset_size / batch_size)
 
 
-def sample_rate_for(dataset_size: int, batch_size: int) -> float:
-    """Poisson sampling rate q = 1 / ceil(N / B) (expected batch size N·q ≈ B)."""
-    return 1.0 / steps_per_epoch(dataset_size, batch_size)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Loss: per-sample terms, checked
 # ---------------------------------------------------------------------------------------------------------------
