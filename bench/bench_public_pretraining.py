@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from fetalseg.bundle import Bundle, load_checkpoint  # noqa: E402
 from fetalseg.data.federation import site_seed, write_federation, write_site  # noqa: E402
 from fetalseg.data.loaders import load_dataset  # noqa: E402
 from fetalseg.data.phantom import site_profiles  # noqa: E402
+from fetalseg.plumbing import atomic_write_text, file_lock  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = {False: "before (plain augmentation)", True: "after (domain randomization)"}
@@ -143,9 +143,7 @@ def fmt(values: list[float], *, signed: bool = False) -> str:
 
 def store(path: Path, key: str | None, record: dict[str, Any] | None, note: str = "") -> dict[str, Any]:
     """Add one run (and the note, if any) to the result file under a lock; return every stored run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path.with_suffix(".lock")):
         data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
         if key is not None:
             data["runs"][key] = record
@@ -153,9 +151,7 @@ def store(path: Path, key: str | None, record: dict[str, Any] | None, note: str 
             data["note"] = note
         data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         data["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch threads 1"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(data, indent=1, default=str))
     return data
 
 

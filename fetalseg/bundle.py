@@ -22,6 +22,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 
 from fetalseg.paths import bundle_dir
+from fetalseg.plumbing import atomic_open
 
 CONFIG_FILES = {
     "train": ("common.json", "train.json"),
@@ -163,9 +164,22 @@ def variants(root: str | Path | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.json"))
 
 
+def load_checkpoint_file(path: str | Path, *, map_location: str = "cpu", trust_pickle: bool = False) -> Any:
+    """What a checkpoint file holds: the project's ONE ``torch.load``, with ``weights_only=True``.
+
+    Only tensors and plain containers and values (dict, OrderedDict, list, tuple, str, numbers, None) are read; a
+    file that pickles any other object is refused (``pickle.UnpicklingError``) before that object is built, so a
+    checkpoint from elsewhere cannot run code here. NVFlare's own ``FL_global_model.pt`` loads this way too (it is
+    ``{"model": OrderedDict of tensors, "meta_props": dict, "train_conf": dict}``), so no allow-list is needed.
+    ``trust_pickle=True`` lifts the restriction for a file from a source the caller trusts; only an explicit admin
+    option (``fetal-fl app install-model --trust-pickle``) passes it.
+    """
+    return torch.load(Path(path), map_location=map_location, weights_only=not trust_pickle)
+
+
 def load_checkpoint(network: torch.nn.Module, path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
     """Load weights saved by :func:`save_checkpoint` (or a bare state dict); return the checkpoint's extra info."""
-    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)  # a file cannot run code here
+    ckpt = load_checkpoint_file(path, map_location=map_location)  # a file cannot run code here
     if isinstance(ckpt, Mapping) and "model" in ckpt and isinstance(ckpt["model"], Mapping):
         load_weights(network, ckpt["model"])
         return {k: v for k, v in ckpt.items() if k != "model"}
@@ -188,14 +202,13 @@ def load_weights(network: torch.nn.Module, state: Mapping[str, Any]) -> None:
 
 
 def save_checkpoint(network: torch.nn.Module, path: str | Path, **info: Any) -> Path:
-    """Write ``{"model": state_dict, **info}`` atomically (temp file + rename): a reader never sees half a model.
+    """Write ``{"model": state_dict, **info}`` atomically (:func:`fetalseg.plumbing.atomic_open`): a reader never sees
+    half a model, and concurrent writers never share a temporary file.
 
     The format is what the bundle's ``CheckpointLoader(load_dict={"model": ...})`` reads.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    torch.save({"model": state, **info}, tmp)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as fh:
+        torch.save({"model": state, **info}, fh)
     return path

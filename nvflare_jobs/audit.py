@@ -36,6 +36,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
+from fetalseg.plumbing import append_jsonl
 from nvflare_jobs.config import DP_REPORT_KEY
 
 SITE_FILE = "updates.jsonl"
@@ -80,22 +81,9 @@ def payload_digest(data: Any) -> tuple[str, int]:
 
 
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line and fsync it (and the folder on first write), so a crash keeps it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if new:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Append one JSON line and fsync it (and the folder on first write), so a crash keeps it; concurrent writers
+    never interleave (:func:`fetalseg.plumbing.append_jsonl`)."""
+    append_jsonl(path, record)
 
 
 def read_records(path: str | os.PathLike[str], *, job: str | None = None) -> list[dict[str, Any]]:

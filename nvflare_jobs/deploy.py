@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fetalseg.plumbing import free_port
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,6 @@ TERMINAL_OK = "FINISHED_OK"
 
 class DeploymentError(RuntimeError):
     """An NVFlare command failed; the message carries its output."""
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def render_project(

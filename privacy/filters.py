@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fetalseg.plumbing import atomic_write_json
 from privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA, check_accountant, check_delta, epsilon
 
 log = logging.getLogger(__name__)
@@ -420,13 +421,7 @@ class ClientDPAccountant:
         """Count one noised update (call before it is sent)."""
         self.rounds += 1
         if self.state_path is not None:
-            self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump({"config": asdict(self.config), "rounds": self.rounds}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(self.state_path)
+            atomic_write_json(self.state_path, {"config": asdict(self.config), "rounds": self.rounds})
 
     @property
     def epsilon(self) -> float:

@@ -12,7 +12,8 @@ Safety rules, all fail-closed:
 * Spending is recorded as it happens (one appended, fsync'ed JSON line per round), so a crashed job still counts.
 * A job's records carry its *cumulative* ε; the job counts with its largest recorded ε (and δ).
 * Concurrent jobs at one site cannot together overspend: a job *reserves* its planned ε before training
-  (:meth:`SiteLedger.reserve`: check and append under one exclusive file lock, fsync'ed), spends against the
+  (:meth:`SiteLedger.reserve`: check and append under one exclusive file lock, fsync'ed; the lock is
+  :func:`fetalseg.plumbing.file_lock` on the hidden sibling ``.<ledger name>.lock``), spends against the
   reservation as it goes, and releases the unspent remainder at a clean end (:meth:`SiteLedger.release`). Every
   check counts spent + reserved. A reservation of a crashed job keeps counting until an admin releases it
   (``fetal-fl privacy ledger release``); what the job spent still counts after any release.
@@ -26,19 +27,19 @@ max(reserved, spent); after its release, with what it spent.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import getpass
 import json
 import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from fetalseg.plumbing import JSONL_PERMISSIONS, append_jsonl, file_lock, fsync_dir, lock_file_for
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +174,18 @@ class SiteLedger:
             "time": _now(),
             "by": _user(),
         }
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        except FileExistsError:
-            raise LedgerError(f"a ledger already exists at {path}; it is never overwritten (use set-budget)") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(_dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(path.parent)
+        with file_lock(lock_file_for(path)):  # no reader sees the file before its first line is written
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, JSONL_PERMISSIONS)
+            except FileExistsError:
+                raise LedgerError(
+                    f"a ledger already exists at {path}; it is never overwritten (use set-budget)"
+                ) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(_dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        fsync_dir(path.parent)
         log.info(
             "privacy ledger created at %s: default budget ε=%g δ=%g per dataset", path, epsilon_budget, delta_budget
         )
@@ -550,9 +554,21 @@ class SiteLedger:
     def _load(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             raise self._not_found()
-        with _locked(self.path, "r", fcntl.LOCK_SH) as fh:
-            text = fh.read()
+        try:
+            with file_lock(lock_file_for(self.path)):
+                text = self._read_text()
+        except PermissionError:
+            # A reader without write access to the ledger's folder cannot take the lock; it reads unlocked. An append
+            # caught halfway then shows as an incomplete last line, which _parse refuses (fail closed), never a sum.
+            log.debug("privacy ledger %s: no write access for its lock file; reading without the lock", self.path)
+            text = self._read_text()
         return self._parse(text)
+
+    def _read_text(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise self._not_found() from None
 
     def _parse(self, text: str) -> list[dict[str, Any]]:
         if not text:
@@ -579,33 +595,26 @@ class SiteLedger:
         """Read, decide and append under ONE exclusive lock of the ledger file; return whether a record was written.
 
         ``decide`` runs with ``self._records`` freshly read under the lock; it returns the record to append, None
-        to write nothing, or raises (nothing written). The append is flushed and fsync'ed before the lock is let go.
-        The file is never created here (``os.open`` without ``O_CREAT``).
+        to write nothing, or raises (nothing written). The append (one ``O_APPEND`` write,
+        :func:`fetalseg.plumbing.append_jsonl`) is fsync'ed before the lock is let go. The file is never created here
+        (nor the lock file, when the ledger is missing).
         """
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
-        except FileNotFoundError:
-            raise self._not_found() from None
-        with os.fdopen(fd, "r+", encoding="utf-8") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        if not self.path.is_file():
+            raise self._not_found()
+        with file_lock(lock_file_for(self.path)):
+            self._records = self._parse(self._read_text())
+            rec = decide()
+            if rec is None:
+                return False
+            problem = _record_problem(rec, first=False)
+            if problem:  # never write what _load would refuse
+                raise ValueError(problem)
             try:
-                fh.seek(0)
-                self._records = self._parse(fh.read())
-                rec = decide()
-                if rec is None:
-                    return False
-                problem = _record_problem(rec, first=False)
-                if problem:  # never write what _load would refuse
-                    raise ValueError(problem)
-                line = _dumps(rec)
-                fh.seek(0, os.SEEK_END)
-                fh.write(line + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                self._records.append(json.loads(line))
-                return True
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                line = append_jsonl(self.path, rec, lock=False, create=False, allow_nan=False)
+            except FileNotFoundError:
+                raise self._not_found() from None
+            self._records.append(json.loads(line))
+            return True
 
     def _append(self, rec: dict[str, Any]) -> None:
         problem = _record_problem(rec, first=False)
@@ -704,22 +713,3 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers
         return "?"
-
-
-@contextlib.contextmanager
-def _locked(path: Path, mode: str, lock: int) -> Iterator[Any]:
-    with open(path, mode, encoding="utf-8") as fh:
-        fcntl.flock(fh.fileno(), lock)
-        try:
-            yield fh
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

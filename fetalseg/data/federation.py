@@ -11,11 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,7 @@ from tqdm import tqdm
 from fetalseg import __version__
 from fetalseg.data.io import write_nifti
 from fetalseg.data.phantom import Phantom, SiteProfile, generate_phantom, site_profiles
+from fetalseg.plumbing import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -109,32 +106,6 @@ def _check_target(path: Path, *, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
 
 
-@contextmanager
-def _staging_dir(target: Path, *, overwrite: bool) -> Iterator[Path]:
-    """A hidden sibling of ``target`` to write into; renamed onto ``target`` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        yield tmp
-        _replace_dir(tmp, target, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(src: Path, target: Path, *, overwrite: bool) -> None:
-    _check_target(target, overwrite=overwrite)  # re-check: someone may have written meanwhile
-    if target.is_dir() and not _is_nonempty_dir(target):
-        target.rmdir()
-    if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, trash / target.name)
-        os.replace(src, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, target)
-
-
 def write_site(
     out_dir: Path,
     profile: SiteProfile,
@@ -160,7 +131,7 @@ def write_site(
     _check_target(out_dir, overwrite=overwrite)
     shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
     rows: list[tuple[str, float]] = []
-    with _staging_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir) as tmp:  # a hidden sibling, renamed onto out_dir only if everything below succeeds
         for number in tqdm(numbers, desc=out_dir.name, unit="case", disable=not progress):
             subject = subject_id(number)
             ga, case_seed = _case_draw(profile, seed, number)
@@ -176,6 +147,7 @@ def write_site(
             "fov_mm": float(fov_mm),
         }
         _write_json(tmp / "dataset_description.json", _dataset_description(profile, params))
+        _check_target(out_dir, overwrite=overwrite)  # re-check just before the swap: someone may have written
     log.info("wrote site %s (%d cases, profile %s) to %s", out_dir.name, n_cases, profile.name, out_dir)
     return out_dir
 
@@ -235,9 +207,7 @@ def write_federation(
         "fov_mm": float(fov_mm),
         "sites": sites,
     }
-    tmp = summary_path.with_name(f".{FEDERATION_FILE}.partial")
-    _write_json(tmp, summary)
-    os.replace(tmp, summary_path)
+    atomic_write_json(summary_path, summary, indent=2)
     return site_dirs
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import locale
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from fetalseg.data import gzip_codec
+from fetalseg.plumbing import atomic_path
 
 gzip_codec.install()
 
@@ -200,9 +200,8 @@ def write_nifti(
     img.set_sform(affine, code=1)
     if np.issubdtype(data.dtype, np.integer):
         img.header.set_data_dtype(data.dtype)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # keeps the extension: nibabel picks gzip from it
+        nib.save(img, str(tmp))
     return path
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from fetalseg.plumbing import free_port  # also imported from here by the client tests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO_ROOT / "slicer_extension" / "FetalBrainSeg"
@@ -114,12 +115,6 @@ def write_studies(folder: Path, n: int = N_CASES) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # The real MONAI Label server
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def app_missing_reason() -> str | None:

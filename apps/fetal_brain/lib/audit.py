@@ -8,13 +8,14 @@ Records never hold tokens or image data: ids, tags, the label file's sha256, the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from fetalseg.plumbing import append_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ def model_version(described: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def record(path: Path, event: str, *, user: str, role: str | None, **fields: Any) -> None:
-    """Append one event (fsynced); an audit write failure is logged as an error but does not undo the action."""
+    """Append one event (one fsynced line under a lock: :func:`fetalseg.plumbing.append_jsonl`); an audit write
+    failure is logged as an error but does not undo the action."""
     entry = {
         "time": time.time(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -44,12 +46,6 @@ def record(path: Path, event: str, *, user: str, role: str | None, **fields: Any
         **fields,
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, (json.dumps(entry, sort_keys=True, default=str) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_jsonl(path, entry)
     except OSError as exc:
         log.error("audit: could not record %s by %s in %s: %s", event, user, path, exc)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from apps.fetal_brain.lib.errors import BadRequestError, ConflictError, NotFoundError, UnprocessableError
@@ -28,6 +27,7 @@ from apps.fetal_brain.lib.ids import check_id, check_tag, id_problem
 from apps.fetal_brain.lib.uploads import IMAGE_SUFFIXES
 from apps.fetal_brain.lib.volumes import image_geometry, is_dicom_dir, load_image, load_label_for
 from fetalseg.data.io import suffix_of, write_nifti
+from fetalseg.plumbing import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class FetalDatastore(LocalDatastore):
                 shutil.copytree(source, staged)
             else:
                 shutil.copyfile(source, staged)
-            with FileLock(self._lock_file):
+            with file_lock(self._lock_file):  # the lock file MONAI Label's own datastore code takes
                 self._remove_image_files(image_id)
                 os.replace(staged, dest)
                 info.update(ts=int(time.time()), name=dest.name)
@@ -160,7 +160,7 @@ class FetalDatastore(LocalDatastore):
         staged = self._staging() / f".label-{os.getpid()}-{time.monotonic_ns()}{LABEL_SUFFIX}"
         try:
             write_nifti(label, affine, staged, dtype=np.uint8)
-            with FileLock(self._lock_file):
+            with file_lock(self._lock_file):  # the lock file MONAI Label's own datastore code takes
                 for suffix in (".nii", ".nrrd", ".seg.nrrd"):
                     (label_dir / f"{image_id}{suffix}").unlink(missing_ok=True)
                 os.replace(staged, dest)

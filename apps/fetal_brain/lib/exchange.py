@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from apps.fetal_brain.lib.model_store import ModelStore, file_sha256, load_into,
 from apps.fetal_brain.lib.volumes import is_dicom_dir, load_image, load_label_for
 from fetalseg.data.io import write_nifti
 from fetalseg.data.loaders import load_dataset
+from fetalseg.plumbing import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +152,8 @@ def export_cases(
     cases = datastore.final_cases()
     if not cases:
         raise NotFoundError("the datastore has no corrected cases (images with a 'final' label) to export")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     exported, skipped = [], []
-    try:
+    with atomic_dir(out_dir) as staging:  # written beside out_dir, renamed onto it only if every step succeeds
         (staging / "images").mkdir()
         (staging / "labels").mkdir()
         for image_id, image, label in cases:
@@ -187,15 +184,5 @@ def export_cases(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         load_dataset(staging, site=site or out_dir.name)  # the consumer's reader accepts it, or nothing is replaced
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %d corrected cases to %s (%d skipped)", len(exported), out_dir, len(skipped))
     return {"out_dir": str(out_dir), "exported": len(exported), "skipped": skipped, "manifest": str(out_dir / MANIFEST)}

@@ -5,7 +5,8 @@ Training (in MONAI Label's subprocess), ``fetal-fl app install-model`` and the s
 :func:`fetalseg.bundle.save_checkpoint` (temp file + rename), and readers key their cache on the file's inode and
 mtime, so an inference always loads one whole model, old or new, never half of each.
 
-Checkpoints are read with ``torch.load(weights_only=True)``: a model file from elsewhere cannot run code here.
+Checkpoints are read with :func:`fetalseg.bundle.load_checkpoint_file` (``torch.load(weights_only=True)``): a model
+file from elsewhere cannot run code here.
 
 A site's local part (:mod:`fetalseg.local_part`: weights learned from the site's own cases, never sent) lives in its
 own file beside the served checkpoint and is loaded over it; the served file itself stays the shared global model,
@@ -25,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
 from apps.fetal_brain.lib.config import LOCAL_PART_FILE
 from apps.fetal_brain.lib.errors import InputError, UnprocessableError
-from fetalseg.bundle import Bundle, save_checkpoint
+from fetalseg.bundle import Bundle, load_checkpoint_file, save_checkpoint
 from fetalseg.local_part import (
     NEVER_SENT,
     LocalPartError,
@@ -37,6 +37,7 @@ from fetalseg.local_part import (
     holds_local_parts,
     read_local_part,
 )
+from fetalseg.plumbing import file_lock, lock_file_for
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[di
     """
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        ckpt = load_checkpoint_file(path, trust_pickle=trust_pickle)
     except Exception as exc:  # torch raises pickle/zip/runtime errors for bad files
         hint = "" if trust_pickle else " (if it holds Python objects from a trusted source, use --trust-pickle)"
         reason = f"{type(exc).__name__}: {exc}"
@@ -302,7 +303,7 @@ class ModelStore:
     def publish(self, network: torch.nn.Module, **info: Any) -> dict[str, Any]:
         """Make ``network`` the served model (atomic replace); the previous checkpoint goes to ``history/``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.path.parent / f".{self.path.name}.lock")):
+        with file_lock(lock_file_for(self.path)):
             if self.path.exists():
                 history = self.path.parent / HISTORY_DIR
                 history.mkdir(exist_ok=True)

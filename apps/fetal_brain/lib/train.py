@@ -27,6 +27,7 @@ from apps.fetal_brain.lib.volumes import load_label_for
 from fetalseg.data.loaders import Case, split_cases
 from fetalseg.evaluation import evaluate_cases
 from fetalseg.metrics import nanmean
+from fetalseg.plumbing import atomic_write_text
 from fetalseg.training import fit
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,7 @@ class FineTune(TrainTask):
             return {}
 
     def _write_stats(self, stats: dict[str, Any]) -> None:
-        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.stats_path.with_name(f".{STATS_FILE}.{os.getpid()}")
-        tmp.write_text(json.dumps(stats, indent=2, default=str))
-        tmp.replace(self.stats_path)
+        atomic_write_text(self.stats_path, json.dumps(stats, indent=2, default=str))
 
     def cases(self, datastore: Any) -> tuple[list[Case], list[str]]:
         """Corrected cases that pass validation, and a sentence for each one skipped."""

@@ -6,13 +6,13 @@ asking the server; NIfTI is the universal exchange format (and what the datastor
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from fetalseg.data.io import write_nifti
 from fetalseg.labels import foreground_labels
+from fetalseg.plumbing import atomic_path
 
 NIFTI = ".nii.gz"
 SEG_NRRD = ".seg.nrrd"
@@ -71,9 +71,8 @@ def write_seg_nrrd(label: np.ndarray, affine: np.ndarray, path: str | Path) -> P
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
     }
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    slicerio.write_segmentation(str(tmp), segmentation, compression_level=1)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        slicerio.write_segmentation(str(tmp), segmentation, compression_level=1)
     return path
 
 
@@ -90,9 +89,8 @@ def write_nrrd(label: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
         "kinds": ["domain", "domain", "domain"],
         "encoding": "gzip",
     }
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    nrrd.write(str(tmp), np.ascontiguousarray(label, dtype=np.uint8), header, compression_level=1)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        nrrd.write(str(tmp), np.ascontiguousarray(label, dtype=np.uint8), header, compression_level=1)
     return path
 
 
