@@ -5,6 +5,11 @@ Why a file format of its own, here in the core: the NVFlare client writes it and
 the two never import each other (they meet through files). The file holds ONLY the local tensors (bundle key names,
 no wrapper prefix) and its provenance, and says what it is (``part: "local"``, ``sharing: "local: never sent"``),
 so every exit of the site (job export, model install, ``GET /model``) can recognise and refuse it.
+
+A local part is only meaningful beside the global model it was learned with: it records that model (``job_id``,
+``global_round``: the global model after that many aggregations, and ``global_model_sha256``: the hash of its shared
+weights when the site received it), and :func:`check_matches_global` refuses any other pairing, so a site never
+serves a local part on top of a global model from another job or round.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ LOCAL = "local"
 NEVER_SENT = "local: never sent"
 # a checkpoint whose weights include a site's local part (merged into a whole model) records the part here
 CONTAINS_LOCAL_KEY = "local_part"
+GLOBAL_SHA_KEY = "global_model_sha256"  # hash of the shared weights of the global model the part goes with
+GLOBAL_ROUND_KEY = "global_round"  # that global model's number of aggregations
 LOCAL_FINETUNE_ORIGIN = "local-finetune"  # the MONAI Label app's own fine-tune on the site's cases (no DP)
 
 
@@ -50,6 +57,77 @@ def state_hash(state: Mapping[str, torch.Tensor], keys: Iterable[str] | None = N
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().to(torch.float64).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def shared_part_hash(state: Mapping[str, torch.Tensor], local_keys: Iterable[str], *, prefix: str = "") -> str:
+    """SHA-256 of a global model's SHARED weights: key names with ``prefix`` (e.g. ``net.``) removed, the local
+    part's keys (bundle names) left out. The NVFlare client hashes the federated state it received, the MONAI Label
+    app the bundle checkpoint it serves; the two agree exactly when the shared weights are the same."""
+    stripped = {(k[len(prefix) :] if prefix and k.startswith(prefix) else k): v for k, v in state.items()}
+    local = {k[len(prefix) :] if prefix and k.startswith(prefix) else k for k in local_keys}
+    return state_hash(stripped, [k for k in stripped if k not in local])
+
+
+def check_matches_global(
+    tensors: Mapping[str, torch.Tensor],
+    info: Mapping[str, Any],
+    *,
+    global_state: Mapping[str, torch.Tensor],
+    global_info: Mapping[str, Any],
+    source: str = "local part",
+) -> None:
+    """Raise :class:`LocalPartError` unless the local part (``tensors``, ``info``) was learned with the global model
+    ``global_state`` (bundle key names) / ``global_info`` (its checkpoint facts). Why: a local part fitted to
+    another global model (another job, an earlier round, the best instead of the final model) silently degrades
+    or breaks the served model; refusing is the only safe answer.
+
+    Checked: the file's recorded keys are its tensors; every key is a weight of the global model with the same
+    shape; the global model is the one the part records (the hash of its shared weights when the site received it,
+    else the same job id and number of aggregations)."""
+    recorded = info.get("keys")
+    if recorded is not None and sorted(recorded) != sorted(tensors):
+        raise LocalPartError(f"{source}: the file lists keys {sorted(recorded)[:3]}... that are not its tensors")
+    missing = sorted(set(tensors) - set(global_state))
+    if missing:
+        raise LocalPartError(
+            f"{source}: {len(missing)} key(s) are not parameters of the network of the global model (e.g. "
+            f"{missing[:3]}): it was learned for another network; install the global model of the same job"
+        )
+    wrong = [k for k in tensors if tuple(tensors[k].shape) != tuple(global_state[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise LocalPartError(
+            f"{source}: {len(wrong)} tensor(s) with another shape than in the global model (e.g. {k}: "
+            f"{tuple(tensors[k].shape)} vs {tuple(global_state[k].shape)}); install the global model of the same job"
+        )
+    job, round_ = info.get("job_id"), info.get(GLOBAL_ROUND_KEY)
+    want = info.get(GLOBAL_SHA_KEY)
+    g_job, g_round = global_info.get("job_id"), global_info.get("round")
+    learned_with = f"job {job!r}" + (f", global model after {round_} round(s)" if round_ is not None else "")
+    served = f"job {g_job!r}, round {g_round!r}"
+    fix = (
+        f"install the global model of job {job!r} it was learned with together with it (fetal-fl app "
+        "install-model <that job's folder or checkpoint> --local <this file>), or remove the local part"
+    )
+    if not want and not job:
+        raise LocalPartError(f"{source} records no global model it was learned with (no job id, no hash): {fix}")
+    if job and g_job and str(job) != str(g_job):
+        raise LocalPartError(f"{source} was learned with {learned_with}; the global model is from {served}: {fix}")
+    if want:
+        have = shared_part_hash(global_state, tensors)
+        if have != want:
+            raise LocalPartError(
+                f"{source} was learned with {learned_with} (shared weights sha256 {str(want)[:12]}…); the global "
+                f"model ({served}) has shared weights sha256 {have[:12]}…: {fix}"
+            )
+        return
+    if not g_job:
+        raise LocalPartError(
+            f"{source} records only job {job!r}, and the global model records no job id: the pairing cannot be "
+            f"checked; {fix}"
+        )
+    if round_ is not None and g_round is not None and int(round_) != int(g_round):
+        raise LocalPartError(f"{source} was learned with {learned_with}; the global model is from {served}: {fix}")
 
 
 def save_local_part(tensors: Mapping[str, torch.Tensor], path: str | Path, *, parameters: str, **info: Any) -> Path:

@@ -13,6 +13,11 @@ on its held-out TEST cases (``test_*`` with HD95: the cases every baseline is sc
 same local training costs without federation. DP-SGD, when the job or the site asks for it, wraps the model,
 optimizer and loader once per job (``privacy.dpsgd``) so ε composes over all rounds; if DP-SGD is requested and
 cannot be set up the site stops with an error instead of training without it.
+
+A site-local part (``local.parameters``) is trained here and never sent; the site saves it after every round
+(a restarted client process takes it back) and, when the final evaluation sends the job's FINAL global model,
+fine-tunes it on that model without DP (``local.fine_tune_epochs``) and writes the final file recording that model's
+hash, which the MONAI Label app checks before it serves the pair.
 """
 
 from __future__ import annotations
@@ -34,7 +39,15 @@ from fetalseg.bundle import Bundle
 from fetalseg.data.loaders import Case
 from fetalseg.evaluation import evaluate_cases
 from fetalseg.labels import foreground_labels
-from fetalseg.local_part import NEVER_SENT, save_local_part, state_hash
+from fetalseg.local_part import (
+    GLOBAL_ROUND_KEY,
+    GLOBAL_SHA_KEY,
+    NEVER_SENT,
+    LocalPartError,
+    read_local_part,
+    save_local_part,
+    shared_part_hash,
+)
 from fetalseg.metrics import nanmean
 from fetalseg.subspace import parameter_names, trainable_view
 from fetalseg.training import build_train_dataset, build_train_loader, train_epoch
@@ -47,8 +60,8 @@ from nvflare_jobs.config import (
     load_config,
     resolve_site_data,
 )
-from nvflare_jobs.fetal_brain.model import FetalBrainNet, to_state_dict
-from nvflare_jobs.plan import dp_settings_for, site_split
+from nvflare_jobs.fetal_brain.model import PREFIX, FetalBrainNet, to_state_dict
+from nvflare_jobs.plan import dp_settings_for, metrics_policy_for, site_split
 
 log = logging.getLogger("fetal_fl.client")
 
@@ -108,6 +121,15 @@ class SiteTrainer:
         dp_settings = dp_settings_for(config, site)  # with the job's plan: the one the site's policy checked
         if dp_settings is not None:  # δ against this site's N before any data is cached or any model is built
             self._check_dp_settings(dp_settings)
+        if config.local_fine_tune_epochs and not config.cross_site_eval:
+            raise ValueError(
+                f"local.fine_tune_epochs={config.local_fine_tune_epochs} fine-tunes the local part on the job's "
+                "final global model, which a site receives only in the final evaluation: set cross_site_eval to "
+                "true, or local.fine_tune_epochs to 0 (refused before any training)"
+            )
+        self._last_global: dict[str, torch.Tensor] | None = None  # the global model received last
+        self._restored_local: dict[str, torch.Tensor] | None = None  # a restarted client's saved local part
+        self._local_finished = False
         torch.manual_seed(config.seed + zlib.crc32(site.encode()) % 10_000)
         self.bundle = Bundle("train", overrides=config.bundle_overrides)
         self.model = FetalBrainNet(config.bundle_overrides, init_seed=None).to(self.device)
@@ -132,6 +154,7 @@ class SiteTrainer:
             )
         if dp_settings is not None:
             self._enable_dp_sgd(dp_settings, dataset_size=len(dataset))
+        self._restore_local_part()
 
     # -- DP-SGD -----------------------------------------------------------------------------------------------
     def _check_dp_settings(self, settings: Mapping[str, Any]) -> None:
@@ -221,10 +244,14 @@ class SiteTrainer:
         """Load the global weights into the local model; return a CPU copy to diff against after training.
 
         The site-local part (``local.parameters``) is taken from the global model only the first time (the job's
-        initial model); after that the site keeps its own, whatever the server sends for those keys.
+        initial model), unless this process restarts a job the site already trained in: then the local part it
+        saved is put back. After that the site keeps its own, whatever the server sends for those keys.
         """
         state = {k: v.detach().clone().cpu() for k, v in to_state_dict(params).items()}
-        kept = self._local_tensors() if getattr(self, "_last_global", None) is not None else {}
+        if self._last_global is not None:
+            kept = self._local_tensors()
+        else:
+            kept, self._restored_local = self._restored_local or {}, None
         self.model.load_state_dict(state, strict=True)
         if kept:
             with torch.no_grad():
@@ -255,18 +282,66 @@ class SiteTrainer:
         params = dict(self.model.named_parameters())
         return {k: params[k].detach().cpu().clone() for k in self.local_keys}
 
-    def fine_tune_local(self) -> RoundStats | None:
+    def _restore_local_part(self) -> None:
+        """A restarted client (NVFlare relaunches the site's process mid-job) takes back the local part it saved
+        for this job instead of starting it over from the global model. A file for this site and job that does
+        not fit (another ``local.parameters``, other keys or shapes) stops the site: continuing would either
+        discard the site's work silently or mix two configurations."""
+        path = self.local_part_path()
+        if not self.local_keys or not path.is_file():
+            return
+        tensors, info = read_local_part(path)
+        want = sorted(k[len(PREFIX) :] for k in self.local_keys)
+        problems = []
+        if info.get("site") != self.site or str(info.get("job_id")) != str(self.job_id):
+            problems.append(f"it is for site {info.get('site')!r}, job {info.get('job_id')!r}")
+        if info.get("parameters") != self.config.local_parameters:
+            problems.append(
+                f"it holds local.parameters={info.get('parameters')!r}, this job {self.config.local_parameters!r}"
+            )
+        if sorted(tensors) != want:
+            problems.append(f"its keys are not this network's {self.config.local_parameters!r} weights")
+        params = dict(self.model.net.named_parameters())
+        if not problems and any(tuple(v.shape) != tuple(params[k].shape) for k, v in tensors.items()):
+            problems.append("its tensors have other shapes than this network's")
+        if problems:
+            raise LocalPartError(
+                f"site {self.site}: the saved local part {path} does not belong to this job's configuration "
+                f"({'; '.join(problems)}); move it away to start the local part over, or run the job's own config"
+            )
+        if info.get("final"):
+            # the job's local part is complete; a fine-tuned one (learned without DP) must not shape anything the
+            # site still sends (evaluation metrics), so it is not put back into the model
+            self._local_finished = True
+            if info.get("fine_tune_epochs"):
+                log.info("site %s: the job's final local part %s is already written; kept as it is", self.site, path)
+                return
+        self._restored_local = {f"{PREFIX}{k}": v for k, v in tensors.items()}
+        log.info(
+            "site %s: restarted: local part of round %s restored from %s (not started over)",
+            self.site,
+            info.get("round"),
+            path,
+        )
+
+    def is_final_global(self, meta: Mapping[str, Any] | None) -> bool:
+        """True for the job's FINAL global model, as the final evaluation sends it: NVFlare's persisted global
+        model carries the round of its last aggregation (``current_round``) in its meta; the best model saved
+        during training never has the last round's (it is the model the sites received in some round)."""
+        value = (meta or {}).get("current_round")
+        return isinstance(value, int) and not isinstance(value, bool) and value == self.config.num_rounds - 1
+
+    def fine_tune_local(self, final_global: Mapping[str, torch.Tensor]) -> RoundStats | None:
         """``local.fine_tune_epochs`` passes over the site's training cases, WITHOUT DP, training only the local part
-        on the last global model received. Only after the job's last update was sent, and the result goes only to
-        the local-part file: the model keeps its previous weights, so nothing the site still sends (cross-site
-        evaluation) depends on a part learned without DP."""
+        on the job's FINAL global model (the one the site will serve it with). Only after the job's last update was
+        sent, and the result goes only to the local-part file: the model keeps its previous weights, so nothing the
+        site still sends (evaluation metrics) depends on a part learned without DP."""
         epochs = self.config.local_fine_tune_epochs
-        last = getattr(self, "_last_global", None)
-        if not epochs or not self.local_keys or last is None:
+        if not epochs or not self.local_keys:
             return None
         before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         kept = self._local_tensors()
-        self.model.load_state_dict(last, strict=True)  # the DP global model's shared weights ...
+        self.model.load_state_dict(dict(final_global), strict=True)  # the final global model's shared weights ...
         params = dict(self.model.named_parameters())
         flags = {k: p.requires_grad for k, p in params.items()}
         disable = getattr(self.train_model, "disable_hooks", None)  # Opacus' per-sample hooks: not needed here
@@ -303,29 +378,42 @@ class SiteTrainer:
         self._fine_tuned = total
         return total
 
-    def finish_local(self, round_index: int) -> Path | None:
-        """Once the job's last update has been sent: the non-DP fine-tune, then the final local-part file. Called
-        right after the last training round's send (a simulator or POC client may be stopped before its loop
-        ends), and again after the loop (then it does nothing)."""
-        if getattr(self, "_local_finished", False):
+    def finish_local(self, round_index: int, final_global: Mapping[str, torch.Tensor] | None = None) -> Path | None:
+        """The job's final local-part file, once its last update has been sent.
+
+        With ``final_global`` (the job's final global model, received in the final evaluation): the non-DP
+        fine-tune on it, and the file records that model's hash. Without one (a job with no final evaluation):
+        the part as trained in the rounds, recorded for the global model after ``num_rounds`` aggregations of
+        this job. Does nothing the second time."""
+        if self._local_finished or not self.local_keys:
             return None
         self._local_finished = True
-        if self.fine_tune_local() is not None:
-            log.info("site %s: local part fine-tuned without DP (never sent)", self.site)
-        return self.save_local_part(round_index, final=True)
+        if final_global is not None and self.fine_tune_local(final_global) is not None:
+            log.info("site %s: local part fine-tuned without DP on the final global model (never sent)", self.site)
+        return self.save_local_part(round_index, final=True, final_global=final_global)
+
+    @property
+    def local_finished(self) -> bool:
+        """The job's final local-part file is written (here, or before this process restarted)."""
+        return self._local_finished
 
     def local_part_path(self) -> Path:
         """``<FETALFL_SITE_STATE>/local_<site>_<job>.pt`` (the folder the DP engine keeps its state in)."""
         state_dir = Path(os.environ.get(ENV_SITE_STATE) or Path.cwd() / "privacy_state")
         return state_dir / f"local_{self.site}_{self.job_id}.pt"
 
-    def save_local_part(self, round_index: int, *, final: bool = False) -> Path | None:
-        """Write the local part (ONLY its tensors, bundle key names) and its provenance; None without one."""
+    def save_local_part(
+        self, round_index: int, *, final: bool = False, final_global: Mapping[str, torch.Tensor] | None = None
+    ) -> Path | None:
+        """Write the local part (ONLY its tensors, bundle key names) and its provenance; None without one.
+
+        Provenance: the job, the round, and the global model the part is to be served with: the one after
+        ``global_round`` aggregations (the job's final one for the final file), with the hash of its shared weights
+        when the site received it (``final_global``), which the app checks before serving the pair."""
         if not self.local_keys:
             return None
-        last = getattr(self, "_last_global", None)
         fine_tuned = getattr(self, "_fine_tuned_local", None) if final else None
-        tensors = {k[len("net.") :]: v for k, v in (fine_tuned or self._local_tensors()).items()}
+        tensors = {k[len(PREFIX) :]: v for k, v in (fine_tuned or self._local_tensors()).items()}
         report = self.privacy_engine.report() if self.privacy_engine is not None else None
         shared_privacy = (
             {
@@ -347,7 +435,13 @@ class SiteTrainer:
             job_id=self.job_id,
             round=int(round_index),
             final=bool(final),
-            global_model_sha256=state_hash(last) if last is not None else None,
+            **{
+                GLOBAL_ROUND_KEY: self.config.num_rounds if final else int(round_index) + 1,
+                GLOBAL_SHA_KEY: (
+                    shared_part_hash(final_global, self.local_keys, prefix=PREFIX) if final_global is not None else None
+                ),
+            },
+            fine_tuned_on="the job's final global model" if fine_tuned is not None else None,
             training_cases=len(self.train_cases),
             fine_tune_epochs=self.config.local_fine_tune_epochs if fine_tuned is not None else 0,
             learned="on this site's own cases, without DP (" + NEVER_SENT + ")",
@@ -365,7 +459,7 @@ class SiteTrainer:
             engine = self.privacy_engine
             gate = SiteMetricsRelease(
                 engine=engine,
-                policy=MetricsPolicy.from_dict((self.config.raw.get("privacy") or {}).get("metrics")),
+                policy=MetricsPolicy.from_dict(metrics_policy_for(self.config)),
                 delta=engine.config.delta if engine is not None else None,
                 accountant=engine.config.accountant if engine is not None else "rdp",
                 max_releases=planned_releases(
@@ -482,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             metrics = trainer.released.release(trainer.evaluate())
             trainer.record_privacy(rnd)  # with DP: the evaluation's releases are in the ledger before they leave
             log.info("site %s: evaluation %s", site, metrics)
+            if trainer.is_final_global(input_model.meta):
+                # the job's final global model: fine-tune the local part on it before answering (the server waits
+                # for the answer; after it the job may end and this process be stopped)
+                trainer.finish_local(last_round if last_round >= 0 else config.num_rounds - 1, global_state)
             flare.send(flare.FLModel(metrics=metrics))
             continue
 
@@ -508,9 +606,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         flare.send(flare.FLModel(params=diff, params_type=flare.ParamsType.DIFF, metrics=metrics, meta=meta))
         trainer.save_local_part(rnd)  # after the send: the local part stays at the site
         last_round = rnd
-        if rnd + 1 >= config.num_rounds:  # the job's last update has been sent
+        if rnd + 1 >= config.num_rounds and not config.cross_site_eval:
+            # the job's last update has been sent and no final evaluation will bring the final global model
             trainer.finish_local(rnd)
-    trainer.finish_local(last_round)
+    if not config.cross_site_eval:
+        trainer.finish_local(last_round)
+    elif trainer.local_keys and not trainer.local_finished:
+        log.warning(
+            "site %s: the job's final global model never reached this site (no final evaluation of it): the local "
+            "part stays as trained in the rounds, not fine-tuned, and records no final global model",
+            site,
+        )
     trainer.finish()
 
 

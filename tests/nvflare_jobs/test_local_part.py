@@ -85,10 +85,10 @@ def test_update_never_holds_local_keys_and_the_site_keeps_its_local_part(make_co
 def test_local_part_file_holds_only_the_local_tensors_and_its_provenance(make_config, site_env: Path) -> None:
     config = _config(make_config, {"parameters": "norm", "fine_tune_epochs": 1})
     trainer = SiteTrainer(config, "site-2", job_id="j", device="cpu")
-    trainer.load_global(_global_params(config, 0))
+    final = trainer.load_global(_global_params(config, 0))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    path = trainer.finish_local(3)  # fine-tune without DP, then the final local part
-    assert path == site_env / "state" / "local_site-2_j.pt" and trainer.finish_local(3) is None
+    path = trainer.finish_local(3, final)  # fine-tune without DP on the final global model, then the final file
+    assert path == site_env / "state" / "local_site-2_j.pt" and trainer.finish_local(3, final) is None
     after = trainer.model.state_dict()  # the model keeps its weights: nothing still sent depends on the fine-tune
     assert all(torch.equal(after[k], before[k]) for k in before)
     tensors, info = read_local_part(path)
@@ -126,7 +126,7 @@ def test_with_dp_sgd_the_local_part_records_the_shared_parts_privacy(make_config
     state = trainer.load_global(_global_params(config, 0))
     trainer.train_round()
     assert not set(trainer.weight_diff(state)) & set(trainer.local_keys)
-    _, info = read_local_part(trainer.finish_local(0))
+    _, info = read_local_part(trainer.finish_local(0, state))
     privacy = info["shared_privacy"]
     assert privacy["epsilon"] > 0 and privacy["delta"] == 1e-5 and privacy["privacy_unit"] == "one patient"
     assert info["fine_tune_epochs"] == 1

@@ -1,6 +1,7 @@
-"""A real NVFlare simulator job with ``local.parameters = "norm"``: the keys of every update the server receives are
-recorded at the server, and none is a local key; each site's state folder holds its local part with exactly the
-local keys (and its provenance)."""
+"""A real NVFlare simulator job with ``local.parameters = "norm"`` and a local fine-tune: the keys of every update
+the server receives are recorded at the server, and none is a local key; each site's state folder holds its local
+part with exactly the local keys, fine-tuned on the job's FINAL global model (the one the server persisted after the
+last round and sent in the final evaluation), whose shared weights' hash it records."""
 
 from __future__ import annotations
 
@@ -22,12 +23,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, make_config, fl_env: dict) -> tuple[Path, list[dict], str]:
+def job(tmp_path_factory, make_config, fl_env: dict) -> tuple[Path, list[dict], Path]:
     from nvflare.recipe import SimEnv
 
     tmp = tmp_path_factory.mktemp("local")
     config = make_config(
-        name="local_part", num_rounds=2, min_clients=3, cross_site_eval=False, local={"parameters": "norm"}
+        name="local_part",
+        num_rounds=2,
+        min_clients=3,
+        cross_site_eval=True,
+        local={"parameters": "norm", "fine_tune_epochs": 1},
     )
     received = tmp / "received.jsonl"
     with pytest.MonkeyPatch.context() as mp:
@@ -36,7 +41,7 @@ def job(tmp_path_factory, make_config, fl_env: dict) -> tuple[Path, list[dict], 
         recipe.add_server_input_filter(ReceivedKeys(str(received)), tasks=["train"])
         recipe.run(SimEnv(clients=SITES, num_threads=len(SITES), workspace_root=str(tmp / "sim")))
     rows = [json.loads(line) for line in received.read_text().splitlines() if line.strip()]
-    return tmp / "state", rows, config["name"]
+    return tmp / "state", rows, tmp / "sim"
 
 
 def _local_names() -> list[str]:
@@ -58,4 +63,24 @@ def test_every_site_keeps_its_local_part_with_exactly_the_local_keys(job) -> Non
         tensors, info = read_local_part(path)
         assert set(tensors) == set(_local_names())
         assert info["sharing"] == NEVER_SENT and info["site"] == site and info["final"] is True
-        assert info["round"] == 1 and len(info["global_model_sha256"]) == 64
+        assert info["round"] == 1 and info["global_round"] == 2 and info["fine_tune_epochs"] == 1
+
+
+def test_each_local_part_was_fine_tuned_on_the_final_global_model(job) -> None:
+    import torch
+
+    from fetalseg.local_part import check_matches_global, shared_part_hash
+
+    state, _, sim = job
+    (final_file,) = sim.rglob("FL_global_model.pt")  # what the server persisted after the last round
+    final = {k: torch.as_tensor(v) for k, v in torch.load(final_file, weights_only=False)["model"].items()}
+    local = [f"net.{n}" for n in _local_names()]
+    want = shared_part_hash(final, local, prefix="net.")
+    bundle_state = {k.removeprefix("net."): v for k, v in final.items()}
+    for site in SITES:
+        (path,) = state.glob(f"local_{site}_*.pt")
+        tensors, info = read_local_part(path)
+        assert info["global_model_sha256"] == want, site
+        assert info["fine_tuned_on"] == "the job's final global model"
+        # the app's check accepts this pair (the final global model of the same job) ...
+        check_matches_global(tensors, info, global_state=bundle_state, global_info={"job_id": info["job_id"]})
