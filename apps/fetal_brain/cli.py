@@ -120,16 +120,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked_local_part(path: Path, store: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The site's local part at ``path``, checked (strictly) against the bundle's network before anything is
-    installed."""
-    from fetalseg.local_part import apply_local_part, read_local_part
-
-    tensors, info = read_local_part(path)
-    apply_local_part(store.untrained_network(), tensors, source=path.name)
-    return tensors, info
-
-
 def _refuse_local_as_served(source: str, trust_pickle: bool) -> None:
     """The served checkpoint is what ``GET /model`` hands out: a checkpoint holding a local part never goes there."""
     from apps.fetal_brain.lib.exchange import find_checkpoint
@@ -146,32 +136,21 @@ def _refuse_local_as_served(source: str, trust_pickle: bool) -> None:
 
 
 def cmd_install_model(args: argparse.Namespace) -> int:
-    from apps.fetal_brain.lib.exchange import install_model
-    from fetalseg.local_part import save_local_part
+    from apps.fetal_brain.lib.site_model import install_site_model
 
     store = _store(args)
     _refuse_local_as_served(args.source, args.trust_pickle)
-    local = _checked_local_part(Path(args.local), store) if args.local else None
-    described = install_model(
+    # with --local: the local part is checked against THIS global model first (both or neither are installed)
+    described = install_site_model(
         args.source,
         store=store,
+        local_part=Path(args.local) if args.local else None,
         origin=args.origin,
         job_id=args.job_id,
         fl_round=args.round,
         trust_pickle=args.trust_pickle,
         allow_grid_mismatch=args.allow_grid_mismatch,
     )
-    if local is not None:  # this site's own install: the local part stays on this machine, beside the global model
-        tensors, info = local
-        carried = {k: v for k, v in info.items() if k not in {"part", "sharing", "parameters", "keys"}}
-        save_local_part(
-            tensors,
-            store.local_part_path,
-            parameters=str(info.get("parameters")),
-            **carried,
-            installed_from=str(Path(args.local).resolve()),
-        )
-        described = store.describe()
     _print_json(described)
     return 0
 
@@ -293,8 +272,9 @@ def register(subparsers: Any) -> None:
     install.add_argument("source", help="checkpoint file or finished NVFlare job folder")
     install.add_argument(
         "--local",
-        help="this site's local part (local_<site>_<job>.pt in the site's FETALFL_SITE_STATE folder): installed "
-        "beside the global model and served with it, never handed out",
+        help="this site's local part (local_<site>_<job>.pt in the site's FETALFL_SITE_STATE folder): checked to "
+        "belong to this global model (same job, same shared weights), installed beside it and served with it, never "
+        "handed out",
     )
     install.add_argument("--origin", help="where it came from (default: from the checkpoint, else 'federated')")
     install.add_argument("--job-id", help="NVFlare job id (default: from the checkpoint)")

@@ -10,7 +10,9 @@ file from elsewhere cannot run code here.
 
 A site's local part (:mod:`fetalseg.local_part`: weights learned from the site's own cases, never sent) lives in its
 own file beside the served checkpoint and is loaded over it; the served file itself stays the shared global model,
-so what may leave the site (``GET /model``) and what may not are two different files.
+so what may leave the site (``GET /model``) and what may not are two different files. The pair is served only if the
+local part was learned with that global model (:func:`fetalseg.local_part.check_matches_global`: keys, shapes, job,
+hash of the shared weights); otherwise nothing is served (503) and ``/info/`` says why.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fetalseg.local_part import (
     NEVER_SENT,
     LocalPartError,
     apply_local_part,
+    check_matches_global,
     holds_local_parts,
     read_local_part,
 )
@@ -197,6 +200,40 @@ class ModelStore:
         except Exception as exc:
             raise UnprocessableError(f"local part {self.local_part_path.name}: cannot be loaded ({exc})") from exc
 
+    def check_pair(
+        self,
+        local: tuple[Mapping[str, torch.Tensor], Mapping[str, Any]],
+        *,
+        global_state: Mapping[str, torch.Tensor] | None,
+        global_info: Mapping[str, Any],
+    ) -> None:
+        """Raise :class:`LocalPartError` unless the local part belongs to the served global model (``global_state``
+        in bundle key names; None when no global checkpoint is installed): a local part on any other global model
+        is never served."""
+        name = self.local_part_path.name
+        if global_state is None:
+            raise LocalPartError(
+                f"local part {name} is installed but no global model ({self.path.name}): a local part is served "
+                "only on the global model it was learned with; install both (fetal-fl app install-model "
+                f"<job's global checkpoint> --local <local part>) or remove {self.local_part_path}"
+            )
+        check_matches_global(local[0], local[1], global_state=global_state, global_info=global_info, source=name)
+
+    def _pair_problem(self, local: tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]) -> str | None:
+        """Why the installed local part cannot be served with the installed global model, or None."""
+        try:
+            global_state: dict[str, torch.Tensor] | None = None
+            info: dict[str, Any] = {}
+            if self.path.is_file():
+                state, info = read_checkpoint(self.path)
+                network = self.untrained_network()
+                load_into(network, state, source=self.path.name)
+                global_state = network.state_dict()
+            self.check_pair(local, global_state=global_state, global_info=info)
+        except (UnprocessableError, LocalPartError) as exc:
+            return str(exc)
+        return None
+
     def untrained_network(self) -> torch.nn.Module:
         """The bundle's network with a fixed seed, so an untrained server answers the same on every start."""
         with torch.random.fork_rng(devices=[]):
@@ -218,6 +255,10 @@ class ModelStore:
                         load_into(network, state, source=str(self.path))
                     local = self.local_part()
                     if local is not None and not holds_local_parts(info):  # a merged model already holds its own
+                        has_global = self.path.is_file()
+                        self.check_pair(
+                            local, global_state=network.state_dict() if has_global else None, global_info=info
+                        )
                         apply_local_part(network, local[0], source=str(self.local_part_path))
                 except (UnprocessableError, LocalPartError) as exc:  # the server's own model: not the client's fault
                     raise InputError(f"the served model cannot be loaded: {exc}", status=503) from exc
@@ -284,6 +325,10 @@ class ModelStore:
         if privacy and "privacy" not in info:
             out["privacy"] = privacy
         if local is not None:
+            mismatch = self._pair_problem(local)
+            if mismatch:  # nothing is served (503 on /infer); /info/ says why
+                out["parts"]["local"] = {"error": mismatch, "sharing": NEVER_SENT}
+                return out
             out["parts"]["local"] = {
                 "parameters": local_info.get("parameters"),
                 "weights": int(sum(t.numel() for t in local[0].values())),
@@ -292,7 +337,9 @@ class ModelStore:
                 "training_cases": local_info.get("training_cases"),
                 "fine_tune_epochs": local_info.get("fine_tune_epochs"),
                 "job_id": local_info.get("job_id"),
+                "global_round": local_info.get("global_round"),
                 "global_model_sha256": local_info.get("global_model_sha256"),
+                "matches_global": True,
                 "sha256": file_sha256(self.local_part_path),
             }
         elif problem:
