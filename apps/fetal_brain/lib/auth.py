@@ -14,7 +14,6 @@ Why our own: MONAI Label's built-in auth needs a Keycloak realm, and as packaged
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -22,7 +21,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 import warnings
@@ -30,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fetalseg.plumbing import atomic_write_json
 
 ROLES = ("annotator", "trainer", "admin")
 TOKEN_PREFIX = "fbt"
@@ -153,18 +153,7 @@ class UserStore:
 
     def _save(self, tokens: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".users.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump({"version": 1, "tokens": tokens}, out, indent=2, sort_keys=True)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write_json(self.path, {"version": 1, "tokens": tokens}, indent=2, sort_keys=True, perm=0o600)
         self._cache = None
 
     # -- admin ----------------------------------------------------------------------------------------------------
