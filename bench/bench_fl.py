@@ -108,6 +108,7 @@ def run_fl(args: argparse.Namespace, data_root: Path, work: Path, name: str, **c
     """One federated job in the simulator: wall time, per-round time (from the server log), final global model."""
     import torch
 
+    from fetalseg.bundle import load_checkpoint_file
     from nvflare_jobs.fetal_brain.job import run_simulation
     from nvflare_jobs.fetal_brain.model import FetalBrainNet
 
@@ -128,7 +129,7 @@ def run_fl(args: argparse.Namespace, data_root: Path, work: Path, name: str, **c
     first_round_s = (done[0] - started_at).total_seconds() if done else float("nan")
     shutdown_s = wall - (done[-1] - started_at).total_seconds() if done else float("nan")
     model = FetalBrainNet(cfg["bundle_overrides"], init_seed=None)
-    state = torch.load(run / "server" / "simulate_job" / "app_server" / "FL_global_model.pt", weights_only=False)
+    state = load_checkpoint_file(run / "server" / "simulate_job" / "app_server" / "FL_global_model.pt")
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state["model"].items()})
     rows = (run / "server" / "simulate_job" / "metrics" / "round_metrics.jsonl").read_text().splitlines()
     per_round = [{m["name"]: m["value"] for m in json.loads(row)["aggregated_metrics"]} for row in rows]

@@ -77,7 +77,7 @@ def load_model(run: dict[str, Any], work: Path, kind: str = "best") -> Any | Non
     NVFlare runs fall back to the checkpoints their server wrote)."""
     import torch
 
-    from fetalseg.bundle import load_checkpoint
+    from fetalseg.bundle import load_checkpoint, load_checkpoint_file
     from nvflare_jobs.fetal_brain.model import FetalBrainNet
 
     net = FetalBrainNet({}, init_seed=None)
@@ -93,7 +93,7 @@ def load_model(run: dict[str, Any], work: Path, kind: str = "best") -> Any | Non
         load_checkpoint(net.net, bench_fl.best_checkpoint(run_dir))
         return net.net
     if kind == "final" and (app / "FL_global_model.pt").is_file():
-        state = torch.load(app / "FL_global_model.pt", weights_only=False)["model"]
+        state = load_checkpoint_file(app / "FL_global_model.pt")["model"]
         net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
         return net.net
     return None

@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from monai.utils import set_determinism  # noqa: E402
 
 from fetalseg.baseline import SiteSplit, split_site  # noqa: E402
-from fetalseg.bundle import Bundle  # noqa: E402
+from fetalseg.bundle import Bundle, load_checkpoint_file  # noqa: E402
 from fetalseg.data.federation import write_federation  # noqa: E402
 from fetalseg.data.loaders import load_dataset  # noqa: E402
 from fetalseg.evaluation import evaluate_cases  # noqa: E402
@@ -310,7 +310,7 @@ def main() -> None:
         t = time.perf_counter()
         pretrain_cached = args.pretrained is not None and args.pretrained.exists()
         if pretrain_cached:
-            inits["public"] = torch.load(args.pretrained, map_location="cpu", weights_only=True)
+            inits["public"] = load_checkpoint_file(args.pretrained)
         else:
             public_bundle = (
                 Bundle("train", overrides={**bundle.overrides, "domain_randomization": True})

@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from monai.utils import set_determinism  # noqa: E402
 
 from fetalseg.baseline import SiteSplit, split_site  # noqa: E402
-from fetalseg.bundle import Bundle  # noqa: E402
+from fetalseg.bundle import Bundle, load_checkpoint_file  # noqa: E402
 from fetalseg.data.federation import write_federation  # noqa: E402
 from fetalseg.data.loaders import load_dataset  # noqa: E402
 from fetalseg.evaluation import evaluate_cases  # noqa: E402
@@ -217,7 +217,7 @@ def main() -> None:
         t = time.perf_counter()
         cached = ckpt.exists()
         if cached:
-            init = torch.load(ckpt, map_location="cpu", weights_only=True)
+            init = load_checkpoint_file(ckpt)
         else:
             init = pretrain(bundle, public, epochs=args.pretrain_epochs, batch=args.batch, seed=seed)
             ckpt.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
-"""The benchmark table of docs/benchmarks.md: one row per headline measure, read from the benchmarks' JSON results, with its goal.
+"""The benchmark table of docs/benchmarks.md: one row per headline measure, read from the JSON results, with its goal.
 
-Why a module: docs/benchmarks.md must show what the scripts last measured and whether each goal is met, and nobody should
-type those numbers by hand. Each benchmark's result file ``bench/results/<name>.json`` is read by one function
+Why a module: docs/benchmarks.md must show what the scripts last measured and whether each goal is met, and nobody
+should type those numbers by hand. Each benchmark's result file ``bench/results/<name>.json`` is read by one function
 here that knows its layout; a result without such a function (or without JSON) is shown by ``run_all`` as the
 title and first table of its Markdown file instead. Verdicts are computed from the numbers, never written.
 """
@@ -368,6 +368,26 @@ def subspace_capacity(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def poisoning(d: dict[str, Any]) -> list[Row]:
+    """bench_poisoning.py: held-out Dice with one attacking site minus without, per aggregation; the goal (issue 19:
+    within 0.02) applies to the robust options (median, trimmed mean, or any clipped aggregation)."""
+    sites, goal, clip = d["settings"]["sites"], d["goal"], d["settings"].get("clip")
+    rows = []
+    for r in d["rows"]:
+        gap = r["attacked"] - r["clean"]
+        robust = r["method"] != "mean" or clip is not None
+        rows.append(
+            Row(
+                "poisoning",
+                f"{r['label']}: held-out Dice with 1 attacker of {sites} sites − without",
+                f"{r['attacked']:.3f} − {r['clean']:.3f} = {gap:+.3f}",
+                f"≥ −{goal:g}" if robust else "–",
+                _verdict(gap >= -goal) if robust else "–",
+            )
+        )
+    return rows
+
+
 SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "infer": infer,
     "infer_feta": lambda d: infer(d, "infer_feta"),
@@ -386,6 +406,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "privacy_utility_dpgd": lambda d: privacy_utility_runs(d, "privacy_utility_dpgd"),  # full-batch DP-GD per subspace
     "public_pretraining": public_pretraining,
     "subspace_capacity": subspace_capacity,
+    "poisoning": poisoning,
 }
 
 

@@ -259,9 +259,7 @@ def _noise(args: argparse.Namespace) -> int:
 
 
 def _clip_from_public(args: argparse.Namespace) -> int:
-    import torch
-
-    from fetalseg.bundle import Bundle
+    from fetalseg.bundle import Bundle, load_checkpoint_file
     from fetalseg.data.loaders import load_dataset
     from privacy.public_clip import clip_from_public
 
@@ -271,7 +269,7 @@ def _clip_from_public(args: argparse.Namespace) -> int:
         cases = load_dataset(args.public_dir)[: args.cases]
         weights = None
         if args.weights is not None:
-            ckpt = torch.load(args.weights, map_location="cpu", weights_only=True)
+            ckpt = load_checkpoint_file(args.weights)
             weights = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
         rec = clip_from_public(
             bundle,
