@@ -331,11 +331,22 @@ class SiteTrainer:
         value = (meta or {}).get("current_round")
         return isinstance(value, int) and not isinstance(value, bool) and value == self.config.num_rounds - 1
 
+    def _site_val_dice(self) -> float | None:
+        """Mean Dice of the current model on this site's validation cases, for the site's own choice only: it never
+        passes the release gate and never leaves the site (None without validation cases)."""
+        if not self.val_cases:
+            return None
+        scores = evaluate_cases(self.model.net, self.val_cases, bundle=self.bundle, device=self.device, with_hd95=False)
+        value = nanmean(s.mean_dice for s in scores)
+        return float(value) if value == value else None  # NaN: nothing to compare
+
     def fine_tune_local(self, final_global: Mapping[str, torch.Tensor]) -> RoundStats | None:
         """``local.fine_tune_epochs`` passes over the site's training cases, WITHOUT DP, training only the local part
-        on the job's FINAL global model (the one the site will serve it with). Only after the job's last update was
-        sent, and the result goes only to the local-part file: the model keeps its previous weights, so nothing the
-        site still sends (evaluation metrics) depends on a part learned without DP."""
+        on the job's FINAL global model (the one the site will serve it with). The site keeps the epoch (0: the part
+        as trained in the rounds) whose pair scores best on its own validation cases, so the part it serves is never
+        one its own data says is worse. Only after the job's last update was sent, and the result goes only to the
+        local-part file: the model keeps its previous weights, so nothing the site still sends (evaluation metrics)
+        depends on a part learned without DP."""
         epochs = self.config.local_fine_tune_epochs
         if not epochs or not self.local_keys:
             return None
@@ -355,8 +366,10 @@ class SiteTrainer:
         optimizer = self.bundle.optimizer([params[k] for k in self.local_keys])
         loader = build_train_loader(self.bundle, dataset=self.loader.dataset, batch_size=self.batch_size)
         total = RoundStats(0.0, 0, 0, 0.0)
+        best_dice, best_epoch, best = self._site_val_dice(), 0, self._local_tensors()
+        first_dice = best_dice
         try:
-            for _ in range(epochs):
+            for epoch in range(1, epochs + 1):
                 stats = train_epoch(
                     self.model,
                     loader,
@@ -369,10 +382,21 @@ class SiteTrainer:
                 total.steps += stats.steps
                 total.samples += stats.samples
                 total.seconds += stats.seconds
+                dice = self._site_val_dice()
+                better = dice is not None and (best_dice is None or dice > best_dice)
+                if better or not self.val_cases:  # without validation cases: the last epoch
+                    best_dice, best_epoch, best = dice, epoch, self._local_tensors()
         finally:
             for key, p in params.items():
                 p.requires_grad_(flags[key])
-            self._fine_tuned_local = self._local_tensors()
+            self._fine_tuned_local = best
+            self._fine_tune_selection = {
+                "by": "mean Dice on this site's validation cases (never sent)",
+                "val_cases": len(self.val_cases),
+                "epoch_selected": best_epoch,
+                "val_dice_before": first_dice,
+                "val_dice_selected": best_dice,
+            }
             self.model.load_state_dict(before, strict=True)
         total.loss = total.loss / max(total.steps, 1)
         self._fine_tuned = total
@@ -442,6 +466,7 @@ class SiteTrainer:
                 ),
             },
             fine_tuned_on="the job's final global model" if fine_tuned is not None else None,
+            fine_tune_selection=getattr(self, "_fine_tune_selection", None) if fine_tuned is not None else None,
             training_cases=len(self.train_cases),
             fine_tune_epochs=self.config.local_fine_tune_epochs if fine_tuned is not None else 0,
             learned="on this site's own cases, without DP (" + NEVER_SENT + ")",

@@ -93,7 +93,8 @@ def test_local_part_file_holds_only_the_local_tensors_and_its_provenance(make_co
     assert all(torch.equal(after[k], before[k]) for k in before)
     tensors, info = read_local_part(path)
     assert set(tensors) == set(parameter_names(trainer.model.net, "norm"))
-    assert any(not torch.equal(v, before[f"net.{k}"]) for k, v in tensors.items())  # the fine-tune learned
+    learned = any(not torch.equal(v, before[f"net.{k}"]) for k, v in tensors.items())
+    assert learned == (info["fine_tune_selection"]["epoch_selected"] > 0)  # the epoch the site's validation chose
     assert info["sharing"] == NEVER_SENT and info["job_id"] == "j" and info["round"] == 3
     assert len(info["global_model_sha256"]) == 64 and info["fine_tune_epochs"] == 1 and info["final"] is True
     assert info["training_cases"] == len(trainer.train_cases) and info["shared_privacy"] is None

@@ -148,3 +148,31 @@ def test_without_a_final_evaluation_the_final_part_records_the_jobs_last_global_
     _, info = read_local_part(trainer.finish_local(1))
     assert info["final"] is True and info["global_round"] == 2 and info["global_model_sha256"] is None
     assert info["fine_tune_epochs"] == 0 and info["job_id"] == "j"
+
+
+@pytest.mark.parametrize(("val_dice", "selected"), [([0.5, 0.3, 0.4], 0), ([0.5, 0.6, 0.55], 1), ([0.5, 0.5, 0.7], 2)])
+def test_the_site_keeps_the_fine_tune_epoch_its_own_validation_cases_score_best(
+    make_config, site_env, monkeypatch, val_dice: list[float], selected: int
+) -> None:
+    """A fine-tune epoch that scores worse on the site's validation cases than the part as trained in the rounds is
+    not what the site ends up serving (epoch 0 = that part); the scores never leave the site."""
+    config = _config(make_config, {"parameters": "norm", "fine_tune_epochs": 2}, num_rounds=1)
+    trainer = SiteTrainer(config, "site-2", job_id="j", device="cpu")
+    final = trainer.load_global(_global(config, 0))
+    trainer.train_round()
+    snapshots = [{k.removeprefix(PREFIX): v for k, v in _local_of(trainer).items()}]  # epoch 0: round-trained
+    real = client_module.train_epoch
+
+    def epoch_then_snapshot(model, *args, **kwargs):
+        stats = real(model, *args, **kwargs)
+        snapshots.append({k.removeprefix(PREFIX): v.detach().clone() for k, v in model.state_dict().items()
+                          if k in trainer.local_keys})  # fmt: skip
+        return stats
+
+    scores = iter(val_dice)  # the site's own validation Dice before the fine-tune and after each epoch
+    monkeypatch.setattr(client_module, "train_epoch", epoch_then_snapshot)
+    monkeypatch.setattr(trainer, "_site_val_dice", lambda: next(scores))
+    tensors, info = read_local_part(trainer.finish_local(0, final))
+    assert info["fine_tune_selection"]["epoch_selected"] == selected and len(snapshots) == 3
+    assert all(torch.equal(tensors[k], v) for k, v in snapshots[selected].items())
+    assert info["fine_tune_selection"]["val_dice_selected"] == max(val_dice[: selected + 1])
