@@ -4,12 +4,13 @@ Synthesize a 3-site federation and one more "public" site, pretrain the bundle's
 (non-private: it stands for public data such as the FeTA releases, and costs no site any ε), train the federation
 from that model in NVFlare (simulator, or ``--poc``) with DP-SGD and percentile sharing and each site's privacy
 policy, compare with single-site and centralized training from the same start at the same budget on the same
-held-out cases, install the best global model into the MONAI Label app, and write a report. ``--no-public``
+held-out cases, install at each site the best honest model it can have (the DP global model + the site's own local
+part, learned from its cases without DP and never sent) into a MONAI Label app, and write a report. ``--no-public``
 starts everything from fresh weights instead (with DP-SGD at these data sizes that model is useless).
 
 Nothing federated is re-implemented here: the job is ``nvflare_jobs``' own, and progress, ε and the best model
 are read from the files the job writes (``metrics/round_metrics.jsonl``, ``fetal_brain_best.pt``,
-``cross_site_val/cross_val_results.json``).
+``cross_site_val/cross_val_results.json``, each site's ``local_<site>_<job>.pt`` in its state folder).
 """
 
 from __future__ import annotations
@@ -29,9 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fetal_fl.report import PRIVATE, PRIVATE_LOCAL, PUBLIC  # the experiment names the report reads
+
 REPO = Path(__file__).resolve().parents[1]
 SITES_POLICY_DIR = REPO / "nvflare_jobs" / "sites"
 POLICY_SCOPE = "dp_required"  # the scope of each site's privacy.json the demo job runs under
+# The private job's site-local part (job config ``local``): normalization affine parameters, biases and the output
+# convolution (~1.6 % of the weights; the group that reached most of the non-private gain in the capacity screen,
+# bench/results/subspace_capacity.md), trained at the site and fine-tuned on the final DP global model without DP.
+LOCAL_PARAMETERS = "norm+bias+head"
+SLICER_MODULE = "FetalBrainSeg"  # slicer_extension/FetalBrainSeg
 
 
 @dataclass(frozen=True)
@@ -53,18 +61,24 @@ class Size:
     plain_fedavg: bool  # also run FedAvg without privacy (one more federated run)
     public_cases: int = 0  # cases of the public site every model starts from (0: fresh weights)
     public_epochs: int = 0
+    local_fine_tune_epochs: int = 0  # the site's local part, fine-tuned on the final DP global model (no DP)
 
     @property
     def epochs(self) -> int:
         return self.rounds * self.local_epochs
 
 
+# fmt: off
 SIZES = {
-    "quick": Size("quick", 32, 4, "tiny", 3, 1, None, 1, plain_fedavg=False, public_cases=4, public_epochs=2),
+    "quick": Size("quick", 32, 4, "tiny", 3, 1, None, 1, plain_fedavg=False, public_cases=4, public_epochs=2,
+                  local_fine_tune_epochs=2),
     # 64³ × 10 cases/site (6 train / 2 val / 2 test, as bench/bench_baseline.py): 10 rounds × 6 local epochs
-    "default": Size("default", 64, 10, None, 10, 6, None, None, plain_fedavg=True, public_cases=10, public_epochs=60),
-    "feta": Size("feta", 256, 8, "feta", 10, 1, 4, 1, plain_fedavg=False, public_cases=4, public_epochs=4),
+    "default": Size("default", 64, 10, None, 10, 6, None, None, plain_fedavg=True, public_cases=10, public_epochs=60,
+                    local_fine_tune_epochs=20),
+    "feta": Size("feta", 256, 8, "feta", 10, 1, 4, 1, plain_fedavg=False, public_cases=4, public_epochs=4,
+                 local_fine_tune_epochs=2),
 }
+# fmt: on
 
 
 @dataclass
@@ -164,13 +178,17 @@ def job_config(
     """The federated job config the demo runs (the same schema as nvflare_jobs/fetal_brain/config.json)."""
     privacy: dict[str, Any] = {"filters": [], "dp_sgd": None, "sites": {}}
     scope = None
+    local: dict[str, Any] | None = None
     if private:
         privacy["dp_sgd"] = dp_plan(sites)
         if poc:
             scope = POLICY_SCOPE  # each site's privacy.json adds its own filters
         else:
             privacy["filters"] = [f for s in sites for f in site_policy_filters(s)]
-    return {
+        # each site's own part: never sent, fine-tuned without DP on the final DP global model (needs the final
+        # evaluation, which brings that model to the sites)
+        local = {"parameters": LOCAL_PARAMETERS, "fine_tune_epochs": size.local_fine_tune_epochs}
+    config: dict[str, Any] = {
         "description": f"fetal-fl demo ({size.name}, {'DP-SGD + site policies' if private else 'no privacy'})",
         "name": "demo_private" if private else "demo_fedavg",
         "algorithm": "fedavg",
@@ -193,6 +211,9 @@ def job_config(
         "runtime": {"external_process": True, "torch_threads": 1, "init_seed": seed},
         "initial_checkpoint": str(initial_checkpoint.resolve()) if initial_checkpoint else None,
     }
+    if local is not None:
+        config["local"] = local
+    return config
 
 
 @dataclass
@@ -301,8 +322,9 @@ def _print_round(row: dict[str, Any], total: int, n_sites: int) -> None:
 
 def run_federated(config: dict[str, Any], workspace: Path, *, poc: bool) -> Path:
     """Run the job with ``fetal-fl fl run --sim|--poc`` in a child process (NVFlare's logs go to a file), printing
-    each round as the server records it; return the folder holding the job's results."""
-    from nvflare_jobs.config import JobConfig
+    each round as the server records it; return the folder holding the job's results. The sites keep their state
+    (DP-SGD accountant, local parts) in ``site_state_dir(workspace)``."""
+    from nvflare_jobs.config import ENV_SITE_STATE, JobConfig
 
     cfg = JobConfig.from_dict(config)  # fail here, with the key's name, before anything starts
     if workspace.exists():
@@ -315,7 +337,8 @@ def run_federated(config: dict[str, Any], workspace: Path, *, poc: bool) -> Path
     cmd += ["--config", str(config_file), "--workspace", str(workspace)]
     shown = 0
     with fl_environment(), log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        env = {**os.environ, ENV_SITE_STATE: str(site_state_dir(workspace))}
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             while proc.poll() is None:
                 time.sleep(2.0)
@@ -339,6 +362,48 @@ def run_federated(config: dict[str, Any], workspace: Path, *, poc: bool) -> Path
     if not list(job_dir.rglob("fetal_brain_best.pt")):
         raise RuntimeError(f"federated job {cfg.name} wrote no fetal_brain_best.pt under {job_dir}; log {log_path}")
     return job_dir
+
+
+def site_state_dir(workspace: Path) -> Path:
+    """Where the demo's sites keep their own state (``FETALFL_SITE_STATE``): DP-SGD accountant, local parts."""
+    return workspace / "site_state"
+
+
+def local_parts(state_dir: Path, sites: list[str]) -> dict[str, Path]:
+    """Each site's final local part (``local_<site>_<job>.pt``, written by the NVFlare client; never sent)."""
+    from fetalseg.local_part import read_local_part
+
+    found: dict[str, Path] = {}
+    for site in sites:
+        for path in sorted(state_dir.glob(f"local_{site}_*.pt")):
+            _, info = read_local_part(path)
+            if info.get("site") == site and info.get("final"):
+                found[site] = path
+    return found
+
+
+def evaluate_site_models(
+    checkpoint: Path, parts: dict[str, Path], splits: list[Any], bundle: Any
+) -> tuple[list[Any], dict[str, Any]]:
+    """Score, on each site's held-out cases, the model that site serves: the global checkpoint with the site's
+    local part over it (checked to belong to it, as the app checks); the global model alone where a site has none."""
+    from fetalseg.bundle import load_checkpoint
+    from fetalseg.evaluation import evaluate_cases
+    from fetalseg.local_part import apply_local_part, check_matches_global, read_local_part
+    from fetalseg.metrics import summarize
+
+    scores: list[Any] = []
+    for split in splits:
+        net = bundle.network()
+        info = load_checkpoint(net, checkpoint)
+        part = parts.get(split.site)
+        if part is not None:
+            tensors, local_info = read_local_part(part)
+            check_matches_global(tensors, local_info, global_state=net.state_dict(), global_info=info, source=part.name)
+            apply_local_part(net, tensors, source=part.name)
+        net.eval()
+        scores += evaluate_cases(net, split.test, bundle=bundle, with_hd95=True)
+    return scores, {"summary": summarize(scores), "local_parts": {s: str(p) for s, p in parts.items()}}
 
 
 def best_checkpoint(job_dir: Path) -> Path:
@@ -380,19 +445,32 @@ def final_epsilon(rows: list[dict[str, Any]]) -> dict[str, float]:
     return eps
 
 
-def install_into_app(checkpoint: Path, model_path: Path, variant: str | None) -> dict[str, Any]:
-    """The app's own install (checks, provenance) into a demo-local served model path (the repo's stays as is)."""
+def site_model_path(out: Path, site: str) -> Path:
+    """The served model of ``site``'s MONAI Label app in the demo (its local part goes beside it)."""
+    return out / "app" / site / "model.pt"
+
+
+def install_into_app(
+    checkpoint: Path, model_path: Path, variant: str | None, *, local_part: Path | None = None
+) -> dict[str, Any]:
+    """The app's own install (checks, provenance; with the site's local part: checked to belong to this global
+    model, installed beside it) into a demo-local served model path (the repo's stays as is)."""
     from apps.fetal_brain.lib.config import AppConfig
-    from apps.fetal_brain.lib.exchange import install_model
     from apps.fetal_brain.lib.model_store import ModelStore
+    from apps.fetal_brain.lib.site_model import install_site_model
 
     conf: dict[str, Any] = {"model_path": str(model_path)}
     if variant:
         conf["variant"] = variant
     config = AppConfig.from_conf(conf)
     bundle = config.bundle("inference")
-    store = ModelStore(config.resolved_model_path(bundle), bundle=bundle, device=config.device)
-    return install_model(checkpoint, store=store)
+    store = ModelStore(
+        config.resolved_model_path(bundle),
+        bundle=bundle,
+        device=config.device,
+        local_part_path=config.resolved_local_part_path(bundle),
+    )
+    return install_site_model(checkpoint, store=store, local_part=local_part)
 
 
 def server_command(studies: Path, model_path: Path, variant: str | None, port: int) -> list[str]:
@@ -482,9 +560,16 @@ def run_demo(args: argparse.Namespace) -> int:
         initial_checkpoint=initial,
     )  # fmt: skip
     print(f"  DP-SGD plan: {cfg['privacy']['dp_sgd']} (ε target = 0.9 × the smallest max ε of the site policies)")
+    print(f"  each site's local part ({cfg['local']['parameters']}): trained at the site, never sent, fine-tuned "
+          f"{cfg['local']['fine_tune_epochs']} epochs without DP on the final DP global model")  # fmt: skip
     (out / "fl").mkdir(exist_ok=True)
     job_dir = run_federated(cfg, out / "fl" / "private", poc=args.poc)
     private_rows = read_rounds(job_dir)
+    site_state = site_state_dir(out / "fl" / "private")
+    parts = local_parts(site_state, sites)
+    missing = sorted(set(sites) - set(parts))
+    if missing:
+        print(f"  no final local part from {missing}: they serve the DP global model alone")
     lap("federated_private", t0)
 
     print(f"[4/{steps}] evaluating on every site's held-out cases; baselines at the same budget "
@@ -493,11 +578,14 @@ def run_demo(args: argparse.Namespace) -> int:
     experiments: list[Experiment] = []
     if public is not None:
         s, ev = evaluate_checkpoint(public.checkpoint, splits, bundle)
-        experiments.append(Experiment("public pretraining only", ev["summary"], s, None, public.checkpoint))
+        experiments.append(Experiment(PUBLIC, ev["summary"], s, None, public.checkpoint))
         print(f"  public pretraining only (no site data): mean Dice {ev['summary']['all']['mean']['dice']:.3f}")
     ckpt = best_checkpoint(job_dir)
     scores, fl_eval = evaluate_checkpoint(ckpt, splits, bundle)
-    experiments.append(Experiment("federated+privacy", fl_eval["summary"], scores, final_epsilon(private_rows), ckpt))
+    experiments.append(Experiment(PRIVATE, fl_eval["summary"], scores, final_epsilon(private_rows), ckpt))
+    s, ev = evaluate_site_models(ckpt, parts, splits, bundle)  # what each site serves: DP global + its local part
+    experiments.append(Experiment(PRIVATE_LOCAL, ev["summary"], s, None, ckpt))
+    print(f"  {PRIVATE_LOCAL} (each site's own model): mean Dice {ev['summary']['all']['mean']['dice']:.3f}")
     plain_rows: list[dict[str, Any]] = []
     if size.plain_fedavg:
         print("  FedAvg without privacy (same job, no DP-SGD, no filters)")
@@ -529,10 +617,17 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  federated+privacy: mean Dice {fl_eval['summary']['all']['mean']['dice']:.3f}")
     lap("evaluate_and_baselines", t0)
 
-    print(f"[5/{steps}] installing the best global model into the MONAI Label app")
+    print(f"[5/{steps}] installing at each site the DP global model + its local part into the MONAI Label app")
     t0 = time.perf_counter()
-    model_path = out / "app" / "model.pt"
-    installed = install_into_app(ckpt, model_path, size.variant)
+    installed_sites: dict[str, dict[str, Any]] = {}
+    for site in sites:  # each site's own app folder: out/app/<site>/model.pt (+ local_part.pt beside it)
+        site_path = site_model_path(out, site)
+        installed_sites[site] = install_into_app(ckpt, site_path, size.variant, local_part=parts.get(site))
+        local = (installed_sites[site].get("parts") or {}).get("local") or {}
+        what = f"+ local part ({local.get('parameters')})" if local.get("matches_global") else "alone (no local part)"
+        print(f"  {site}: DP global model {what} -> {site_path}")
+    model_path = site_model_path(out, sites[0])  # the server command below starts the first site's app
+    installed = installed_sites[sites[0]]
     studies = out / "studies"
     _copy_studies(splits, studies)
     command = server_command(studies, model_path, size.variant, args.port)
@@ -545,7 +640,8 @@ def run_demo(args: argparse.Namespace) -> int:
         local_epochs=size.local_epochs,
         mode=mode, sites=sites, splits=splits, bundle=bundle, experiments=experiments, private_rows=private_rows,
         plain_rows=plain_rows, job_config=cfg, job_dir=job_dir, installed=installed, server_command=command,
-        timings=timings, fl_info=fl_eval["info"], public=public,
+        timings=timings, fl_info=fl_eval["info"], public=public, site_state=site_state,
+        installed_sites=installed_sites,
     )  # fmt: skip
     report = write_report(run)
     lap("report", t0)
@@ -555,6 +651,8 @@ def run_demo(args: argparse.Namespace) -> int:
             {
                 "report": str(report),
                 "installed_model": str(model_path),
+                "installed_sites": {s: str(site_model_path(out, s)) for s in sites},
+                "local_parts": {s: str(p) for s, p in parts.items()},
                 "server_command": command,
                 "next_steps": next_steps(command),
                 "seconds": round(total, 1),
@@ -596,8 +694,8 @@ def next_steps(command: list[str]) -> list[str]:
     return [
         "1. start the MONAI Label server (127.0.0.1 only):",
         "   " + " ".join(command),
-        f"2. in 3D Slicer (5.2+), install the FetalSeg module (slicer_extension/README.md), enter {host}, press "
-        "Connect, then 'Next case' -> segment -> correct in the Segment Editor -> 'Submit'.",
-        "3. what the server serves (origin, job id, round, validation Dice):",
+        f"2. in 3D Slicer (5.2+), install the {SLICER_MODULE} module (slicer_extension/README.md), enter {host}, "
+        "press Connect, then 'Next case' -> segment -> correct in the Segment Editor -> 'Submit'.",
+        "3. what the server serves (origin, job id, round; the shared DP part with its ε and this site's local part):",
         "   " + " ".join(["fetal-fl", "app", "model-info", "--model-path", model_path, *conf]),
     ]

@@ -16,6 +16,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_RESULTS = REPO / "bench" / "results"
+# experiment names the demo produces and the per-site table reads
+PUBLIC = "public pretraining only"
+PRIVATE = "federated+privacy"
+PRIVATE_LOCAL = "federated+privacy + local part"
 
 FILTER_WORDS = {
     "RequireDPSGD": "refuses to send anything that is not a DP-SGD-trained weight difference within the site's "
@@ -54,6 +58,8 @@ class DemoRun:
     timings: dict[str, float] = field(default_factory=dict)
     fl_info: dict[str, Any] = field(default_factory=dict)
     public: Any = None  # fetal_fl.demo.PublicStart, or None when every model started from fresh weights
+    site_state: Path | None = None  # the sites' own state folder (FETALFL_SITE_STATE): DP-SGD state, local parts
+    installed_sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> what its app serves
 
 
 def _plt() -> Any:
@@ -206,10 +212,12 @@ def case_pictures(run: DemoRun, checkpoint: Path, folder: Path, per_site: int = 
 
 
 # -- privacy --------------------------------------------------------------------------------------------------------
-def dp_states(job_dir: Path) -> dict[str, dict[str, Any]]:
-    """The DP-SGD engine state each site kept for the job (``privacy_state/dpsgd_<site>_<job>.json``)."""
+def dp_states(job_dir: Path, site_state: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The DP-SGD engine state each site kept for the job (``dpsgd_<site>_<job>.json`` in the site's state folder,
+    ``site_state``, or under the job's folder)."""
     states: dict[str, dict[str, Any]] = {}
-    for path in sorted(job_dir.rglob("dpsgd_*.json")):
+    folders = [job_dir, *([site_state] if site_state is not None and site_state.is_dir() else [])]
+    for path in sorted(p for folder in folders for p in folder.rglob("dpsgd_*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -280,7 +288,7 @@ def _round_records(job_dir: Path) -> list[dict[str, Any]]:
 
 def privacy_section(run: DemoRun) -> list[str]:
     """Per-site privacy summary and the plain words on what is and is not protected."""
-    states = dp_states(run.job_dir)
+    states = dp_states(run.job_dir, run.site_state)
     n_params = sum(p.numel() for p in run.bundle.network().parameters())
     sent = bytes_per_update(run.job_dir, n_params)
     last: dict[str, dict[str, Any]] = {}
@@ -348,12 +356,86 @@ def privacy_section(run: DemoRun) -> list[str]:
         "the same ε (or not at all, the default); its training loss and HD95 never leave it.",
         "- **Not differential privacy:** percentile sharing. It only zeroes small weight changes and clips the "
         "rest; it adds no noise and gives no (ε, δ). It reduces what leaks, it does not bound it.",
+        "- **Not shared at all:** each site's local part (weights learned from its own cases without DP, kept in "
+        "its state folder and its app). No update carries it (the NVFlare client leaves its keys out), and the app "
+        "never hands it out (`GET /model` serves the shared part only).",
         "- **Raw images and labels never leave a site**; only filtered weight differences do, over NVFlare's "
         "channels (mutual TLS in POC/production; the simulator runs everything in one machine).",
         "- **Not protected:** the *site-level* fact that a site took part, its data volume (steps per round are "
         "sent as FedAvg weights), and the model itself: the global model is trained on everyone's data and a "
         "membership attack on it is bounded only by the DP guarantee above. The server is trusted to aggregate "
         "honestly; no secure aggregation is used.",
+    ]
+    return lines
+
+
+# -- the model each site serves -------------------------------------------------------------------------------------
+def _site_dice(run: Any, name: str, site: str) -> float | None:
+    exp = next((e for e in run.experiments if e.name == name), None)
+    if exp is None:
+        return None
+    return exp.summary.get(site, {}).get("mean", {}).get("dice")
+
+
+def _accountant(run: Any) -> str:
+    """The accountant the sites' DP-SGD used (their engine state; else the job config; else the engine default)."""
+    found = {st.get("fingerprint", {}).get("accountant") for st in dp_states(run.job_dir, run.site_state).values()}
+    found.discard(None)
+    if found:
+        return ", ".join(sorted(str(a) for a in found))
+    dp = (run.job_config.get("privacy", {}) or {}).get("dp_sgd") or {}
+    return str(dp.get("accountant", "prv"))
+
+
+def site_models_section(run: Any) -> list[str]:
+    """Per site, on its own held-out cases: the public model alone, the DP global model, and the DP global model +
+    the site's local part (what the site's app serves), with one plain sentence on what each number protects."""
+    private = next((e for e in run.experiments if e.name == PRIVATE), None)
+    if private is None:
+        return []
+    eps = private.epsilon or {}
+    delta = _run_delta(run)
+    accountant = _accountant(run)
+    lines = [
+        "## The model each site serves",
+        "",
+        "Mean Dice on each site's own held-out cases. The last column is the model installed in that site's "
+        "MONAI Label app (`app/<site>/model.pt` with `local_part.pt` beside it): the best model a site can have "
+        "honestly, the shared DP part plus what it learned alone.",
+        "",
+        "| site | public model alone | DP global | DP global + local part (served) | local part | ε of the DP global |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for site in run.sites:
+        local = ((run.installed_sites.get(site) or {}).get("parts") or {}).get("local") or {}
+        if local.get("matches_global"):
+            cases = local.get("training_cases")
+            kept = local.get("fine_tune_epoch_kept")
+            part = (
+                f"{local.get('parameters')}: {local.get('weights', 0):,} weights, {cases} training cases, "
+                f"{local.get('fine_tune_epochs', 0)} fine-tune epochs"
+                + (f" (epoch {kept} kept by the site's validation cases)" if kept is not None else "")
+            )
+            served = _site_dice(run, PRIVATE_LOCAL, site)
+        else:
+            part = "none installed: the DP global model alone" + (f" ({local['error']})" if local.get("error") else "")
+            served = _site_dice(run, PRIVATE, site)
+        lines.append(
+            f"| {site} | {_fmt(_site_dice(run, PUBLIC, site))} | {_fmt(_site_dice(run, PRIVATE, site))} | "
+            f"{_fmt(served)} | {part} | {_fmt(eps.get(site), '.2f')} |"
+        )
+    lines += [
+        "",
+        "What each number protects:",
+        "",
+        "- **Public model alone:** trained on public data only (here one more synthetic site); it holds nothing of "
+        "any federation site, so there is nothing to protect and it costs no ε.",
+        f"- **DP global (the shared part):** differentially private for every site at the ε in the table, "
+        f"δ = {delta:g}, per patient (one training case is the privacy unit), as the {accountant} accountant bounds it "
+        "over the whole job; that ε covers everything the site sent (DP-SGD's updates and any metric it released).",
+        "- **DP global + local part:** the local part is learned from the site's own cases WITHOUT differential "
+        "privacy; it never leaves the site (never sent, not shared, refused by every export), so it has no ε: it "
+        "is protected by staying inside the hospital, not by DP.",
     ]
     return lines
 
@@ -424,7 +506,7 @@ def write_report(run: DemoRun) -> Path:
             continue
         if e.epsilon:
             points.append((e.name, max(e.epsilon.values()), dice))
-        elif e.name in ("federated", "centralized", "public pretraining only"):
+        elif e.name in ("federated", "centralized", PUBLIC):
             refs[e.name] = dice
     utility_png = plot_privacy_utility(points, refs, folder / "privacy_utility.png", delta=_run_delta(run))
     figs.append(("Privacy–utility: mean held-out Dice against ε (the points this run produced)", utility_png))
@@ -458,7 +540,14 @@ def write_report(run: DemoRun) -> Path:
         ),
         f"Installed model: `{run.installed.get('path', run.installed.get('model_path', ''))}` "
         f"(origin {info.get('origin', run.installed.get('origin'))}, job {info.get('job_id')}, round "
-        f"{info.get('round')}, validation mean Dice {_fmt(info.get('val_mean_dice'))}). Start the server with:",
+        f"{info.get('round')}, validation mean Dice {_fmt(info.get('val_mean_dice'))})"
+        + (
+            f", with this site's local part; every site has its own app folder ({', '.join(run.installed_sites)}: "
+            "see *The model each site serves*)"
+            if run.installed_sites
+            else ""
+        )
+        + ". Start the server with:",
         "",
         "```",
         " ".join(run.server_command),
@@ -479,6 +568,8 @@ def write_report(run: DemoRun) -> Path:
         "only.",
         "",
         *results_section(run),
+        "",
+        *site_models_section(run),
         "",
         "## Figures",
         "",
@@ -506,7 +597,8 @@ def write_report(run: DemoRun) -> Path:
         "experiments": {e.name: {"summary": e.summary, "epsilon": e.epsilon} for e in run.experiments},
         "rounds_private": [{"round": r["round"], "sites": r["sites"]} for r in run.private_rows],
         "rounds_plain": [{"round": r["round"], "sites": r["sites"]} for r in run.plain_rows],
-        "dp_states": dp_states(run.job_dir),
+        "dp_states": dp_states(run.job_dir, run.site_state),
+        "installed_sites": run.installed_sites,
         "installed": run.installed,
     }
     (folder / "results.json").write_text(json.dumps(results, indent=2, default=str))

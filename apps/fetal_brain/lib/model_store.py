@@ -336,6 +336,8 @@ class ModelStore:
                 "learned": "without DP on this site's own cases",
                 "training_cases": local_info.get("training_cases"),
                 "fine_tune_epochs": local_info.get("fine_tune_epochs"),
+                # the epoch the site's own validation cases chose (0: the part as trained in the rounds)
+                "fine_tune_epoch_kept": (local_info.get("fine_tune_selection") or {}).get("epoch_selected"),
                 "job_id": local_info.get("job_id"),
                 "global_round": local_info.get("global_round"),
                 "global_model_sha256": local_info.get("global_model_sha256"),
