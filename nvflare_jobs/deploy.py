@@ -13,25 +13,42 @@ module only prepares what a site admin would prepare by hand, through NVFlare's 
 
 :class:`Federation` objects are context managers: leaving the block stops the system and then kills, by pid,
 every process still running in (or naming) the run's private workspace (also after a failure).
+
+A server restart mid-job ends the job, it does not resume it: NVFlare 2.9 writes no job snapshots (the server
+engine's ``persist_components`` is a no-op, "Component snapshot persistence has been removed") and nothing calls
+``JobRunner.restore_running_job`` any more (the start-up restore went with the overseer/HA code), so the
+``snapshot_persistor`` that POC and provisioned kits still declare in ``local/resources.json`` stays empty and a
+restarted server has no process for the job. The sites learn it at their first heartbeat to the new server and
+abort their part (NVFlare's client/server job sync). What this module adds is the job store's side: the server kit
+gets :class:`InterruptedJobGuard`, which at server start-up ends every job a previous server process left RUNNING
+as ``FINISHED:ABANDONED`` with the reason in its meta (``nvflare job meta <id>``, key ``end_reason``); without
+it such a job stays RUNNING for ever and ``nvflare job wait`` never returns. Resubmit the job to train again.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_context import FLContext
 
 from fetalseg.plumbing import free_port
 
@@ -49,6 +66,10 @@ COMPONENT_PREFIXES = (
 )
 LOOPBACK = "127.0.0.1"
 TERMINAL_OK = "FINISHED_OK"
+ABANDONED = "FINISHED:ABANDONED"  # NVFlare's status for a job a server restart left without a server process
+END_REASON_KEY = "end_reason"  # job meta key: why InterruptedJobGuard ended a job
+RESTART_GUARD_ID = "interrupted_job_guard"
+SERVER_STARTED = "Admin Server is started"  # the server log line after which admin commands are answered
 
 
 class DeploymentError(RuntimeError):
@@ -125,6 +146,97 @@ def install_site_policy(kit: str | Path, policy: str | Path) -> Path:
     json.loads(Path(policy).read_text())  # refuse a policy that does not even parse
     target = Path(kit) / "local" / "privacy.json"
     shutil.copyfile(policy, target)
+    return target
+
+
+class _MetaOnlyUnpickler(pickle.Unpickler):
+    """Reads the plain values of a ``torch.save`` pickle without torch: tensors and storages become None, and no
+    class other than ``OrderedDict`` is ever looked up (nothing in the file can run code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        return lambda *args, **kwargs: None
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+
+def saved_round(model: str | Path) -> int | None:
+    """The round recorded in a global model NVFlare's ``PTFileModelPersistor`` saved (``meta_props.current_round``),
+    or None. Read without importing torch: this runs while the server starts, and a slow start-up step widens the
+    window in which NVFlare 2.9 accepts admin connections before its admin handler is registered (seen once, with a
+    torch import here: the window grew from ~20 ms to ~4 s, an admin command landed in it and that server answered
+    no admin command for minutes; without the import the same restart was fine)."""
+    with contextlib.suppress(Exception), zipfile.ZipFile(model) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        value = _MetaOnlyUnpickler(io.BytesIO(archive.read(name))).load()["meta_props"]["current_round"]
+        return int(value)
+    return None
+
+
+def interrupted_job_reason(job_id: str, meta: Mapping[str, Any], app_dir: str | Path) -> str:
+    """Why a job found RUNNING at server start-up is ended, with how far it got (from its server app folder)."""
+    app_dir = Path(app_dir)
+    progress = "no round had completed"
+    planned = ""
+    with contextlib.suppress(Exception):
+        config = json.loads((app_dir / "config" / "config_fed_server.json").read_text())
+        rounds = [w["args"]["num_rounds"] for w in config.get("workflows", []) if "num_rounds" in w.get("args", {})]
+        planned = f" of {rounds[0]} planned" if rounds else ""
+    model = app_dir / "FL_global_model.pt"  # NVFlare's persistor saves the global model after every round
+    if model.is_file():
+        progress = f"the last global model saved by the server is {model}"
+        last = saved_round(model)
+        if last is not None:
+            progress = f"{last + 1} round(s){planned} had completed (0..{last}); its global model is {model}"
+    return (
+        f"job {job_id} ({meta.get('name', '?')}) was {meta.get('status', 'RUNNING')} when the server process stopped; "
+        "NVFlare 2.9 cannot resume a job after a server restart (no job snapshots), so it is ended as "
+        f"{ABANDONED}; the sites abort their part at their next heartbeat. {progress[0].upper()}{progress[1:]}. "
+        "Submit the job again to train (a new job id: its privacy cost adds to what this one spent)"
+    )
+
+
+class InterruptedJobGuard(FLComponent):
+    """Server component (``components`` of the server kit's ``local/resources.json``): at start-up, ends every job
+    that a previous server process left RUNNING or DISPATCHED as ``FINISHED:ABANDONED``, the reason in its meta
+    (:data:`END_REASON_KEY`) and in the server log. NVFlare 2.9 keeps no job snapshots and restores no running job
+    (see the module docstring), so such a job has no server process: without this it stays RUNNING for ever."""
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type != EventType.SYSTEM_START:
+            return
+        try:
+            self.end_interrupted_jobs(fl_ctx)
+        except Exception as e:  # the server must start anyway; the error says what is left to clean up
+            self.log_exception(fl_ctx, f"could not end the jobs a server restart interrupted: {e}")
+
+    def end_interrupted_jobs(self, fl_ctx: FLContext) -> list[str]:
+        from nvflare.apis.fl_constant import SystemComponents
+        from nvflare.apis.job_def import RunStatus
+
+        engine = fl_ctx.get_engine()
+        job_manager = engine.get_component(SystemComponents.JOB_MANAGER)
+        workspace = engine.get_workspace()
+        ended = []
+        for job in job_manager.get_jobs_by_status([RunStatus.RUNNING, RunStatus.DISPATCHED], fl_ctx):
+            reason = interrupted_job_reason(job.job_id, job.meta, workspace.get_app_dir(job.job_id))
+            job_manager.update_meta(job.job_id, {END_REASON_KEY: reason}, fl_ctx)
+            job_manager.set_status(job.job_id, RunStatus.ABANDONED, fl_ctx)
+            self.log_error(fl_ctx, reason)
+            ended.append(job.job_id)
+        return ended
+
+
+def install_restart_guard(kit: str | Path) -> Path:
+    """Add :class:`InterruptedJobGuard` to the ``components`` of a server kit's ``local/resources.json``."""
+    target = Path(kit) / "local" / "resources.json"
+    resources = json.loads(target.read_text())
+    components = resources.setdefault("components", [])
+    if not any(c.get("id") == RESTART_GUARD_ID for c in components):
+        components.append({"id": RESTART_GUARD_ID, "path": "nvflare_jobs.deploy.InterruptedJobGuard", "args": {}})
+    target.write_text(json.dumps(resources, indent=4))
     return target
 
 
@@ -218,6 +330,7 @@ class Federation:
     def _configure_kits(self) -> None:
         for name in (self.server_name, *self.sites):
             allow_project_components(self.kit(name))
+        install_restart_guard(self.kit(self.server_name))
         for site, policy in self.site_policies.items():
             install_site_policy(self.kit(site), policy)
 
@@ -294,6 +407,63 @@ class Federation:
     def _kill_group(self, pgid: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+
+    def server_processes(self) -> list[Any]:
+        """Live processes of the server: its kit's watchdog script, the server and its job processes."""
+        import psutil
+
+        kit = str(self.kit(self.server_name))
+
+        def in_kit(path: str) -> bool:
+            return path == kit or path.startswith(kit + os.sep)
+
+        found = []
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                if in_kit(proc.cwd()) or any(in_kit(arg) for arg in proc.cmdline()):
+                    found.append(proc)
+        return found
+
+    def kill_server(self) -> list[int]:
+        """SIGKILL every server process (a crash of the server machine); the sites keep running. Return the pids."""
+        import psutil
+
+        procs = self.server_processes()
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=10)
+        return [p.pid for p in procs]
+
+    def start_server(self, *, timeout: float = 120) -> None:
+        """Start the server from its kit's ``startup/start.sh`` and wait until every site is connected again.
+
+        No admin command is sent before the server logs that it started: NVFlare 2.9 opens its admin listener a
+        moment before it registers the admin handler, and a command landing in between can leave the admin
+        channel unusable."""
+        log_file = self.kit(self.server_name) / "log.txt"
+
+        def starts() -> int:
+            return log_file.read_text(errors="replace").count(SERVER_STARTED) if log_file.is_file() else 0
+
+        before = starts()
+        self.start_script(self.kit(self.server_name) / "startup" / "start.sh")
+        deadline = time.monotonic() + timeout
+        while starts() <= before and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self.wait_for_sites(timeout=max(deadline - time.monotonic(), 10))
+
+    def wait_for_sites(self, *, timeout: float = 120) -> None:
+        """Wait until the server lists every site as connected (``nvflare system status client``)."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(DeploymentError, json.JSONDecodeError):
+                last = self.admin_json(["system", "status", "client"], timeout=60)
+                if all(site in json.dumps(last) for site in self.sites):
+                    return
+            time.sleep(2)
+        raise DeploymentError(f"sites did not all connect within {timeout}s; last status: {last}")
 
     def kill_all(self, *, grace_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL, each remaining process of this federation, by pid (nothing else is touched)."""
@@ -372,15 +542,7 @@ class ProvisionedFederation(Federation):
         self._started = True
         for site in self.sites:
             self.start_script(self.kit(site) / "startup" / "start.sh")
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            with contextlib.suppress(DeploymentError, json.JSONDecodeError):
-                last = self.admin_json(["system", "status", "client"], timeout=60)
-                if all(site in json.dumps(last) for site in self.sites):
-                    return
-            time.sleep(2)
-        raise DeploymentError(f"sites did not all connect within {timeout}s; last status: {last}")
+        self.wait_for_sites(timeout=timeout)
 
     def stop(self) -> None:
         if self._started:
