@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from fetalseg.plumbing import atomic_write_json
 from privacy.accounting import (
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
@@ -951,12 +952,7 @@ class SitePrivacyEngine:
             "scope": SCOPE,
         }
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(state, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.state_path)
+        atomic_write_json(self.state_path, state, indent=1)
 
     def _restore(self) -> None:
         if self.state_path is None:

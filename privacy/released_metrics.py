@@ -27,14 +27,18 @@ default) nothing data-dependent but the weights leaves a DP site and the server 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from fetalseg.plumbing import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +156,7 @@ class SiteMetricsRelease:
         delta: float | None = None,
         accountant: str = "rdp",
         max_releases: int | None = None,
+        state_path: str | Path | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy or MetricsPolicy()
@@ -163,6 +168,11 @@ class SiteMetricsRelease:
             raise ValueError(f"max_releases must be an integer >= 0, got {max_releases!r}")
         self.max_releases = None if max_releases is None else int(max_releases)
         self.releases = 0
+        # the release count survives a client restart (else a restarted site would charge its ledger without the
+        # releases it already made): read here, written before each noised value leaves
+        self.state_path = Path(state_path) if state_path is not None else None
+        if self.state_path is not None and self.state_path.is_file():
+            self.releases = self._load_state(self.state_path)
         self.withheld: set[str] = set()
         self._noised: dict[str, float] = {}  # what this gate produced: may pass the gate again unchanged
         seed = self.policy.seed if self.policy.seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -217,10 +227,31 @@ class SiteMetricsRelease:
         sigma = float(self.policy.noise_multiplier)  # type: ignore[arg-type]
         noisy = means + self._rng.normal(0.0, sigma * sensitivity, size=means.shape)
         self.releases += 1  # counted before anything is returned: a release that happened is accounted
+        if self.state_path is not None:  # ...and on disk before it leaves, for a restarted client
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                self.state_path, {"releases": self.releases, "noise_multiplier": sigma, "prefix_last": prefix}
+            )
         out = {f"{prefix}_dice_{t}": float(np.clip(v, 0.0, 1.0)) for t, v in zip(tissues, noisy)}
         out[f"{prefix}_mean_dice"] = float(np.clip(noisy.mean(), 0.0, 1.0))  # post-processing: free
         self._noised.update(out)
         return out
+
+    def _load_state(self, path: Path) -> int:
+        """Releases already made in this job by an earlier run of this site (fail closed on anything odd)."""
+        try:
+            state = json.loads(path.read_text())
+            releases = int(state["releases"])
+            sigma = float(state["noise_multiplier"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"metrics release state {path} is unreadable ({e}); refusing to release metrics") from e
+        if releases < 0 or sigma != self.policy.noise_multiplier:
+            raise ValueError(
+                f"metrics release state {path} holds {releases} release(s) at noise multiplier {sigma}, but this job "
+                f"releases at {self.policy.noise_multiplier}: not the same job's state; refusing to continue"
+            )
+        log.info("metrics release state %s: %d release(s) already made in this job", path, releases)
+        return releases
 
     # -- accounting -------------------------------------------------------------------------------------------------
     @property

@@ -490,6 +490,10 @@ class SiteTrainer:
                 max_releases=planned_releases(
                     num_rounds=self.config.num_rounds, cross_site_eval=self.config.cross_site_eval
                 ),
+                # beside the DP-SGD state: a restarted site keeps counting the releases it already made
+                state_path=None
+                if getattr(engine, "state_path", None) is None
+                else Path(engine.state_path).with_name(f"metrics_{self.site}_{self.job_id}.json"),
             )
             if self.ledger is not None:  # widen the reservation to DP-SGD + metric releases before any release
                 gate.reserve(self.ledger, dataset_id=self.dataset_id, job_id=self.job_id)

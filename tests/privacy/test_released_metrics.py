@@ -133,6 +133,24 @@ def test_no_release_beyond_the_plan() -> None:
     assert gate.releases == 1 and gate.epsilon == eps
 
 
+def test_a_restarted_site_keeps_counting_the_releases_it_already_made(tmp_path) -> None:
+    state = tmp_path / "metrics_site-1_job.json"
+    scores = {"val": _scores([[0.5] * 7])}
+    first = SiteMetricsRelease(
+        engine=_engine(), policy=MetricsPolicy(noise_multiplier=20.0), delta=DELTA, max_releases=3, state_path=state
+    )
+    first.release({}, scores=scores)
+    first.release({}, scores=scores)
+    restarted = SiteMetricsRelease(
+        engine=_engine(), policy=MetricsPolicy(noise_multiplier=20.0), delta=DELTA, max_releases=3, state_path=state
+    )
+    assert restarted.releases == 2 and restarted.epsilon == first.epsilon  # the ledger's ε keeps their share
+    assert "val_mean_dice" in restarted.release({}, scores=scores)
+    assert restarted.release({}, scores=scores) == {}  # the plan's 3 releases are used up across the restart
+    with pytest.raises(ValueError, match="not the same job"):
+        SiteMetricsRelease(engine=_engine(), policy=MetricsPolicy(noise_multiplier=5.0), delta=DELTA, state_path=state)
+
+
 # -- the gate ---------------------------------------------------------------------------------------------------------
 RAW = {"val_mean_dice": 0.61, "val_dice_white_matter": 0.7, "val_cases": 2.0, "train_loss": 0.4, "train_steps": 3.0}
 
