@@ -270,15 +270,42 @@ def privacy_utility(d: dict[str, Any], name: str = "privacy_utility") -> list[Ro
 
 
 def load(d: dict[str, Any]) -> list[Row]:
-    return [
+    """bench_load.py: errors (and each route's p95) under mixed traffic with one fine-tune, and the server's memory
+    growth from the first to the last minute (issue 19: 0 errors, ≤ 10 %), with and without the fine-tune's samples.
+    An older result without memory growth gives the errors row only."""
+    ops = d["ops"]
+    p95 = ", ".join(
+        f"{op} {o['p95_ms'] / 1000:.1f} s"
+        for op, o in ops.items()
+        if op != "train_status" and o.get("p95_ms") is not None
+    )
+    tr = d.get("training")
+    what = ", ".join(op.replace("_", " ") for op in (d.get("mix") or ops)) + (", 1 fine-tune" if tr else "")
+    rows = [
         Row(
             "load",
-            f"{d['clients']} clients × {d['seconds']:.0f} s on /info, /infer, label save: errors",
-            f"{d['errors']} errors, {d['requests_per_s']:.1f} req/s",
+            f"{d['clients']} clients × {d['seconds']:.0f} s ({what}): errors; p95 per route",
+            f"{d['errors']} errors, {d['requests_per_s']:.1f} req/s" + (f"; p95 {p95}" if p95 else ""),
             "0 errors",
             _verdict(d["errors"] == 0),
         )
     ]
+    growth = d.get("rss_mb", {}).get("growth")
+    if growth:
+        goal = d["rss_mb"]["goal_pct"]
+        for key, name in (("total", "all samples"), ("total_without_training", "fine-tune's samples left out")):
+            g = growth[key]
+            pct = g["growth_pct"]
+            rows.append(
+                Row(
+                    "load",
+                    f"server RSS (process + children), last vs first minute of load, {name}",
+                    "n/a (run too short)" if pct is None else f"{g['first']:.0f} → {g['last']:.0f} MB, {pct:+.1f} %",
+                    "–" if pct is None else f"≤ {goal:g} %",
+                    _verdict(None if pct is None else pct <= goal),
+                )
+            )
+    return rows
 
 
 def baseline(d: dict[str, Any]) -> list[Row]:
