@@ -172,6 +172,10 @@ class FetalBrainApp(MONAILabelApp):
     def strategy_names(self) -> list[str]:
         return sorted(self._strategies)
 
+    def strategy_uses_model(self, name: str) -> bool:
+        """Whether a strategy runs the network (unknown: assume it does, so it stays in the bounded pool)."""
+        return bool(getattr(self._strategies.get(name), "uses_model", True))
+
     def trainer_names(self) -> list[str]:
         return sorted(self._trainers)
 

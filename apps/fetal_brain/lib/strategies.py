@@ -46,6 +46,8 @@ def recency_weights(last_served: list[float], now: float) -> list[float]:
 class RandomStrategy(Strategy):
     """Random unlabelled case; cases not handed out for a while are likelier (see the module docstring)."""
 
+    uses_model = False  # runs no network: served outside the inference pool (never queued behind inferences)
+
     def __init__(self) -> None:
         super().__init__("Random unlabelled case (those not handed out recently more likely)")
 
@@ -66,6 +68,8 @@ class RandomStrategy(Strategy):
 
 class EntropyStrategy(Strategy):
     """Next sample = the unlabelled image with the highest foreground prediction entropy."""
+
+    uses_model = True  # segments candidates: runs in the bounded inference pool
 
     def __init__(self, *, task: FetalBrainSegmentation, max_candidates: int = 8) -> None:
         super().__init__("Least certain unlabelled case (softmax entropy of the current model)")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from apps.fetal_brain.lib.strategies import foreground_entropy, recency_weights
+from apps.fetal_brain.lib.strategies import EntropyStrategy, RandomStrategy, foreground_entropy, recency_weights
 
 
 def _probabilities(background: float, shape=(4, 4, 4), classes: int = 8) -> np.ndarray:
@@ -38,3 +38,9 @@ def test_recency_weights_are_never_zero_and_favour_cases_not_served_lately():
     weights = recency_weights([0.0, now - 3600, now, now + 5], now)  # never, an hour ago, this second, clock skew
     assert weights[0] > weights[1] > weights[2] == weights[3] == 1.0
     assert all(w >= 1.0 for w in weights)
+
+
+def test_only_strategies_that_run_the_network_go_to_the_inference_pool() -> None:
+    """The route sends ``uses_model`` strategies to the bounded inference pool; random must not wait behind it."""
+    assert RandomStrategy.uses_model is False
+    assert EntropyStrategy.uses_model is True
