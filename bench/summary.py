@@ -396,18 +396,18 @@ def subspace_capacity(d: dict[str, Any]) -> list[Row]:
 
 
 def poisoning(d: dict[str, Any]) -> list[Row]:
-    """bench_poisoning.py: held-out Dice with one attacking site minus without, per aggregation; the goal (issue 19:
-    within 0.02) applies to the robust options (median, trimmed mean, or any clipped aggregation)."""
-    sites, goal, clip = d["settings"]["sites"], d["goal"], d["settings"].get("clip")
+    """bench_poisoning.py: held-out Dice with one attacking site minus the clean FedAvg run, per aggregation; the goal
+    (issue 19: within 0.02) applies to the robust options (median, trimmed mean, or any clipped aggregation)."""
+    sites, goal, clip, reference = d["settings"]["sites"], d["goal"], d["settings"].get("clip"), d["reference"]
     rows = []
     for r in d["rows"]:
-        gap = r["attacked"] - r["clean"]
+        gap = r["attacked"] - reference
         robust = r["method"] != "mean" or clip is not None
         rows.append(
             Row(
                 "poisoning",
-                f"{r['label']}: held-out Dice with 1 attacker of {sites} sites − without",
-                f"{r['attacked']:.3f} − {r['clean']:.3f} = {gap:+.3f}",
+                f"{r['label']}: held-out Dice with 1 attacker of {sites} sites − clean FedAvg",
+                f"{r['attacked']:.3f} − {reference:.3f} = {gap:+.3f}",
                 f"≥ −{goal:g}" if robust else "–",
                 _verdict(gap >= -goal) if robust else "–",
             )
@@ -434,6 +434,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "public_pretraining": public_pretraining,
     "subspace_capacity": subspace_capacity,
     "poisoning": poisoning,
+    "poisoning_clip": poisoning,  # the same with clip_update_norm for every method
 }
 
 
