@@ -52,6 +52,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "subspace_capacity": ("bench_subspace.py", ["--cases", "8", "--public-cases", "8", "--rounds", "1",
                                                 "--pretrain-epochs", "1", "--views", "1",
                                                 "--specs", "all", "norm+bias+head", "--max-minutes", "5"]),
+    "scale": ("bench_scale.py", ["--sites", "2", "3", "--threads", "1", "--fault-sites", "3", "--dead", "1",
+                                 "--straggler-wait", "20"]),
     "poisoning": ("bench_poisoning.py", ["--sites", "4", "--rounds", "1", "--local-epochs", "1",
                                          "--methods", "mean,median"]),
 }  # fmt: skip

@@ -415,6 +415,55 @@ def poisoning(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def scale(d: dict[str, Any]) -> list[Row]:
+    """bench_scale.py: per-round time, server memory and bytes as the federation grows (3 → 10 → 30 sites), the
+    largest federation that completed a job (issue 19: 30), and the run where sites die mid-round (must complete
+    with the survivors)."""
+    done = [r for r in d["runs"] if r.get("job_completed")]
+    rows = []
+    if done:
+        first = lambda r: r["rounds"][0]  # noqa: E731  (every size has round 0; it also holds the start-up)
+        rows.append(
+            Row(
+                "scale",
+                f"{' → '.join(str(r['sites']) for r in done)} sites ({done[0]['threads']} simulator threads): round 0 "
+                "time; server peak RSS; MB received by the server in the round",
+                "; ".join(
+                    f"{r['sites']}: {first(r)['seconds']:.0f} s, {r['server_peak_rss_mb']:.0f} MB, "
+                    f"{(first(r)['received_stream'] + first(r)['received_envelope']) / 2**20:.1f} MB"
+                    for r in done
+                ),
+                "–",
+                "–",
+            )
+        )
+    largest = max((r["sites"] for r in done), default=0)
+    rows.append(Row("scale", "largest simulated federation that completed a job", f"{largest} sites", "≥ 30 sites",
+                    _verdict(largest >= 30)))  # fmt: skip
+    for f in d.get("faults") or [d.get("fault")]:
+        if not f or "skipped" in f:
+            continue
+        waited = [w["waited_after_last_update_s"] for w in f.get("waits", []) if "waited_after_last_update_s" in w]
+        how = {"stop": "process frozen", "kill": "process killed"}.get(f.get("how", "kill"), "?")
+        # a killed simulator worker also ends the simulator's client thread (a simulator limit): diagnostic only
+        goal = "completes" if f.get("how") == "stop" else "–"
+        continuing = sum(1 for w in f.get("waits", []) if w.get("closed") == "continuing")
+        rows.append(
+            Row(
+                "scale",
+                f"{f['sites']} sites, {len(f['dying_sites'])} dying mid-round ({how}), min_clients "
+                f"{f['min_clients']}: the job completes with the survivors",
+                f"{'completed' if f['job_completed'] else 'did not complete'}, {continuing} of "
+                f"{len(f.get('waits', []))} rounds continued without the dead; server waited "
+                + (", ".join(f"{w:.0f}" for w in waited) or "–")
+                + f" s after the last live update (straggler_wait_s {f['straggler_wait_s']})",
+                goal,
+                _verdict(bool(f["job_completed"]) and continuing >= 1) if goal != "–" else "–",
+            )
+        )
+    return rows
+
+
 SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "infer": infer,
     "infer_feta": lambda d: infer(d, "infer_feta"),
@@ -433,6 +482,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "privacy_utility_dpgd": lambda d: privacy_utility_runs(d, "privacy_utility_dpgd"),  # full-batch DP-GD per subspace
     "public_pretraining": public_pretraining,
     "subspace_capacity": subspace_capacity,
+    "scale": scale,
     "poisoning": poisoning,
     "poisoning_clip": poisoning,  # the same with clip_update_norm for every method
 }

@@ -283,13 +283,21 @@ def run_simulation(
     workspace: str | Path,
     *,
     per_site_config: Mapping[str, Mapping[str, Any]] | None = None,
+    num_threads: int | None = None,
 ) -> Path:
-    """Run the job in NVFlare's simulator (one client per configured site); return the job's workspace."""
+    """Run the job in NVFlare's simulator (one client per configured site); return the job's workspace.
+
+    ``num_threads``: simulator threads (default: one per site, all sites run at once); fewer make the sites take
+    turns, each turn in a fresh simulator worker process (how many sites one machine can simulate).
+    """
     from nvflare.recipe import SimEnv
 
     recipe = build_recipe(config, per_site_config=per_site_config, command=f"{sys.executable} -u")
     sites = list(recipe.config.sites)
-    env = SimEnv(clients=sites, num_threads=len(sites), workspace_root=str(workspace))
+    threads = len(sites) if num_threads is None else num_threads
+    if not 1 <= threads <= len(sites):
+        raise ValueError(f"num_threads must be between 1 and the {len(sites)} sites, got {num_threads}")
+    env = SimEnv(clients=sites, num_threads=threads, workspace_root=str(workspace))
     recipe.run(env)
     return Path(workspace) / recipe.config.name
 
