@@ -84,6 +84,21 @@ def write_case(tmp_path: Path):
     return _write
 
 
+@pytest.fixture
+def site_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A site's client process without NVFlare: its state folder in ``tmp_path/state``, no site data, data root or
+    ledger variables leaking in from the environment, one torch thread (tests share 2 cores). Returns ``tmp_path``."""
+    import torch
+
+    from fetalseg.site_env import ENV_DATA_ROOT, ENV_PRIVACY_LEDGER, ENV_SITE_DATA, ENV_SITE_STATE
+
+    monkeypatch.setenv(ENV_SITE_STATE, str(tmp_path / "state"))
+    for var in (ENV_SITE_DATA, ENV_PRIVACY_LEDGER, ENV_DATA_ROOT):
+        monkeypatch.delenv(var, raising=False)
+    torch.set_num_threads(1)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def tiny_federation(tmp_path_factory) -> list[Path]:
     """3 synthetic sites × 4 cases of 32³ phantoms in FeTA BIDS layout (read-only: do not modify)."""

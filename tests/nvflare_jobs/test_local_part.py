@@ -12,18 +12,9 @@ import torch
 
 from fetalseg.local_part import NEVER_SENT, read_local_part, save_local_part
 from fetalseg.subspace import parameter_names
-from nvflare_jobs.config import ENV_PRIVACY_LEDGER, ENV_SITE_DATA, ENV_SITE_STATE, ConfigError, JobConfig
+from nvflare_jobs.config import ConfigError, JobConfig
 from nvflare_jobs.fetal_brain.client import SiteTrainer
 from nvflare_jobs.fetal_brain.model import FetalBrainNet
-
-
-@pytest.fixture
-def site_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setenv(ENV_SITE_STATE, str(tmp_path / "state"))
-    for var in (ENV_SITE_DATA, ENV_PRIVACY_LEDGER, "FETALFL_DATA_ROOT"):
-        monkeypatch.delenv(var, raising=False)
-    torch.set_num_threads(1)
-    return tmp_path
 
 
 def _config(make_config, local=None, **changes) -> JobConfig:

@@ -5,25 +5,14 @@ configuration stops the site; a fine-tune without a final evaluation is refused 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from fetalseg.local_part import LocalPartError, read_local_part, shared_part_hash
-from nvflare_jobs.config import ENV_PRIVACY_LEDGER, ENV_SITE_DATA, ENV_SITE_STATE, JobConfig
+from nvflare_jobs.config import JobConfig
 from nvflare_jobs.fetal_brain import client as client_module
 from nvflare_jobs.fetal_brain.client import SiteTrainer
 from nvflare_jobs.fetal_brain.model import PREFIX, FetalBrainNet
-
-
-@pytest.fixture
-def site_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setenv(ENV_SITE_STATE, str(tmp_path / "state"))
-    for var in (ENV_SITE_DATA, ENV_PRIVACY_LEDGER, "FETALFL_DATA_ROOT"):
-        monkeypatch.delenv(var, raising=False)
-    torch.set_num_threads(1)
-    return tmp_path
 
 
 def _config(make_config, local: dict, **changes) -> JobConfig:

@@ -10,18 +10,9 @@ import pytest
 import torch
 
 from fetalseg.subspace import parameter_names
-from nvflare_jobs.config import ENV_PRIVACY_LEDGER, ENV_SITE_DATA, ENV_SITE_STATE, ConfigError, JobConfig
+from nvflare_jobs.config import ConfigError, JobConfig
 from nvflare_jobs.fetal_brain.client import DPSGDUnavailableError, SiteTrainer
 from nvflare_jobs.fetal_brain.model import FetalBrainNet
-
-
-@pytest.fixture
-def site_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setenv(ENV_SITE_STATE, str(tmp_path / "state"))
-    for var in (ENV_SITE_DATA, ENV_PRIVACY_LEDGER, "FETALFL_DATA_ROOT"):
-        monkeypatch.delenv(var, raising=False)
-    torch.set_num_threads(1)
-    return tmp_path
 
 
 def _config(make_config, spec: str | None, **changes) -> JobConfig:

@@ -9,21 +9,12 @@ import pytest
 import torch
 
 from fetalseg.labels import foreground_labels
-from nvflare_jobs.config import ENV_PRIVACY_LEDGER, ENV_SITE_DATA, ENV_SITE_STATE, JobConfig
+from nvflare_jobs.config import ENV_PRIVACY_LEDGER, ENV_SITE_DATA, JobConfig
 from nvflare_jobs.fetal_brain.client import DPSGDUnavailableError, SiteTrainer
 from nvflare_jobs.fetal_brain.model import FetalBrainNet
 from nvflare_jobs.plan import site_privacy_plan, site_split
 
 DP = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3, "grad_sample_mode": "hooks", "seed": 0}
-
-
-@pytest.fixture
-def site_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setenv(ENV_SITE_STATE, str(tmp_path / "state"))
-    for var in (ENV_SITE_DATA, ENV_PRIVACY_LEDGER, "FETALFL_DATA_ROOT"):
-        monkeypatch.delenv(var, raising=False)
-    torch.set_num_threads(1)
-    return tmp_path
 
 
 def _trainer(make_config, **changes) -> SiteTrainer:
