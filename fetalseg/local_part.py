@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fetalseg.bundle import save_checkpoint
+from fetalseg.bundle import load_checkpoint_file, save_checkpoint
 
 PART_KEY = "part"
 LOCAL = "local"
@@ -150,7 +150,7 @@ def holds_local_parts(info: Mapping[str, Any]) -> bool:
 
 def read_local_part(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, info) of a local-part file; :class:`LocalPartError` if the file is not one."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping) or not is_local_part(ckpt):
         raise LocalPartError(f"{path} is not a site's local part (no '{PART_KEY}: {LOCAL}' in it)")
     state = {str(k): torch.as_tensor(v) for k, v in ckpt["model"].items()}

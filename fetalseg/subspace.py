@@ -397,18 +397,20 @@ def gradient_basis(
 
 def save_basis(record: dict, path: str | Path) -> Path:
     """Write a basis from :func:`gradient_basis` (next to the public checkpoint it was estimated at)."""
+    from fetalseg.plumbing import atomic_open
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(record, tmp)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as fh:  # a unique temporary file: concurrent writers never share one
+        torch.save(record, fh)
     return path
 
 
 def load_basis(path: str | Path | dict) -> dict:
     if isinstance(path, dict):
         return path
-    record = torch.load(Path(path), map_location="cpu", weights_only=True)
+    from fetalseg.bundle import load_checkpoint_file
+
+    record = load_checkpoint_file(path)
     missing = {"basis", "names", "shapes", "provenance"} - set(record)
     if missing:
         raise ValueError(f"{path}: not a gradient basis (missing {sorted(missing)})")

@@ -90,9 +90,7 @@ def write_initial_model(
             f"initial_checkpoint {source} does not fit the job's network (bundle overrides "
             f"{dict(bundle_overrides or {})}): {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         ) from e
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, out)
+    save_checkpoint(model, out)  # {"model": net.-prefixed state dict}, atomically
     return {
         "file": source.name,
         "sha256_prefix": hashlib.sha256(source.read_bytes()).hexdigest()[:16],
