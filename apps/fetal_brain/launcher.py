@@ -84,7 +84,8 @@ def start(
     With ``ssl_certfile``/``ssl_keyfile`` the server speaks HTTPS (the URL says so; the readiness probe trusts
     ``ssl_certfile``, i.e. a self-signed certificate). ``env`` adds environment variables for the server.
     """
-    studies, workdir = Path(studies), Path(workdir)
+    remote = str(studies).startswith(("http://", "https://"))  # a DICOMweb URL (PACS) stays a URL
+    studies, workdir = (str(studies) if remote else Path(studies)), Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     argv = server_argv(studies=studies, port=port, conf=conf, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)

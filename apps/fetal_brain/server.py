@@ -251,7 +251,8 @@ class FetalBrainServer:
             if problem:
                 raise InputError(problem, status=400)
             if not uploading and path.startswith(("/infer/", "/datastore/")):
-                app_instance().datastore().image_file(query[key])
+                datastore = app_instance().datastore()  # a PACS datastore checks without fetching the series
+                getattr(datastore, "check_image", datastore.image_file)(query[key])
         if query.get("tag"):
             check_tag(query["tag"])
 

@@ -97,8 +97,12 @@ class FetalBrainApp(MONAILabelApp):
 
     # -- MONAI Label factory hooks --------------------------------------------------------------------------------
     def init_datastore(self) -> FetalDatastore:
-        if self.studies.startswith(("http://", "https://")):
-            raise ValueError("this app serves a local studies folder only (no remote DICOMweb/XNAT stores)")
+        if self.studies.startswith(("http://", "https://")):  # a DICOMweb server (PACS): its MR series, checked
+            from apps.fetal_brain.lib.dicomweb_store import open_pacs_datastore
+
+            return open_pacs_datastore(
+                self.studies, self.app_config, read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY
+            )
         return FetalDatastore(
             self.studies,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -111,8 +115,9 @@ class FetalBrainApp(MONAILabelApp):
             sort_keys=True,
             default=str,
         )  # what the pre-processing depends on (fixed for a server's life; a key part all the same)
+        root = self._datastore.root  # the studies folder, or a PACS datastore's local cache
         self.prepared = PreparedInputs(
-            root=self.studies, max_bytes=self.app_config.prepared_cache_bytes, fingerprint=fingerprint
+            root=root, max_bytes=self.app_config.prepared_cache_bytes, fingerprint=fingerprint
         )
         return {MODEL_NAME: FetalBrainSegmentation(store=self.store, config=self.app_config, prepared=self.prepared)}
 

@@ -42,6 +42,11 @@ Keys (all optional):
   See :mod:`apps.fetal_brain.lib.prepared`.
 * ``prepare_on_start`` (default true): also prepare every study at server start, unlabelled first, on a
   lowest-priority background thread, until ``prepared_cache_mb`` is full.
+* With ``--studies http(s)://<pacs>/dicom-web`` (a DICOMweb server as the datastore,
+  :mod:`apps.fetal_brain.lib.dicomweb_store`): ``pacs_credentials`` (a JSON file ``{"user", "password"}``, mode
+  0600; else ``FETAL_BRAIN_PACS_USER`` / ``FETAL_BRAIN_PACS_PASSWORD`` in the environment, never ``--conf``: a
+  command line is visible to every user of the machine), ``pacs_cache`` (the local folder of fetched series and
+  labels; default ``~/.cache/fetal-fl/pacs/<hash of the URL>``), ``pacs_timeout_s`` (default 30).
 """
 
 from __future__ import annotations
@@ -89,7 +94,13 @@ _KEYS = {
     "audit_log",
     "prepared_cache_mb",
     "prepare_on_start",
+    "pacs_credentials",
+    "pacs_cache",
+    "pacs_timeout_s",
+    "pacs_user",  # environment only (FETAL_BRAIN_PACS_USER / FETAL_BRAIN_PACS_PASSWORD)
+    "pacs_password",
 }
+_ENV_ONLY = {"pacs_password"}
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,9 @@ class AppConfig:
     audit_log: Path | None = None
     prepared_cache_bytes: int = 512 * 2**20
     prepare_on_start: bool = True
+    pacs_credentials: Path | None = None
+    pacs_cache: Path | None = None
+    pacs_timeout_s: float = 30.0
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None) -> AppConfig:
@@ -121,6 +135,12 @@ class AppConfig:
         raw: dict[str, Any] = {
             k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX) and v != ""
         }
+        on_command_line = sorted(_ENV_ONLY & {str(k) for k in (conf or {})})
+        if on_command_line:
+            raise ValueError(
+                f"{on_command_line} must not be passed with --conf (visible to every user of the machine): use "
+                "--conf pacs_credentials <file> or the FETAL_BRAIN_PACS_USER / FETAL_BRAIN_PACS_PASSWORD environment"
+            )
         raw.update({str(k): v for k, v in (conf or {}).items()})
         unknown = sorted(set(raw) - _KEYS - _MONAILABEL_KEYS)
         if unknown:
@@ -169,6 +189,9 @@ class AppConfig:
                 _number(raw.get("prepared_cache_mb", 512), "prepared_cache_mb", float, low=0, high=2**20) * 2**20
             ),
             prepare_on_start=_bool(raw.get("prepare_on_start", True), "prepare_on_start"),
+            pacs_credentials=_path(raw.get("pacs_credentials")),
+            pacs_cache=_path(raw.get("pacs_cache")),
+            pacs_timeout_s=_number(raw.get("pacs_timeout_s", 30), "pacs_timeout_s", float, low=0.1, high=3600),
         )
 
     def bundle(self, purpose: str = "inference", **extra: Any) -> Bundle:
@@ -186,6 +209,10 @@ class AppConfig:
         if self.local_part_path is not None:
             return self.local_part_path
         return self.resolved_model_path(bundle).with_name(LOCAL_PART_FILE)
+
+
+def _path(value: Any) -> Path | None:
+    return Path(str(value)).expanduser().resolve() if value not in (None, "") else None
 
 
 def _json_object(value: Any, name: str) -> dict[str, Any]:

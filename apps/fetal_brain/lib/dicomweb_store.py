@@ -1,0 +1,317 @@
+"""A DICOMweb server (a hospital PACS, e.g. Orthanc) as the app's datastore: MONAI Label's ``--studies <URL>``.
+
+Why not stock ``DICOMWebDatastore``: it downloads whatever id it is given (no id checks), converts with the dcmqi
+binary it downloads at start-up, stores only final labels back, has no time-outs (a PACS that hangs hangs every
+request) and turns a PACS that is down into a 500. Here:
+
+* images are the PACS's MR series, id = SeriesInstanceUID (checked as an id and as a DICOM UID); an id the PACS
+  does not list is 404, so only that server's series are reachable;
+* a series is fetched once (WADO-RS) into a local cache folder, written to a staging folder and renamed into
+  place, checked as a readable single 3D series; everything else (labels on the image grid, values 0..7, atomic
+  writes, bounded params) is :class:`~apps.fetal_brain.lib.datastore.FetalDatastore`'s, on that cache folder;
+* every label saved (the model's result, tag ``original``, and the radiologist's correction, ``final``) is stored
+  back in the PACS as a DICOM SEG on its series (:mod:`apps.fetal_brain.lib.dicom_seg`) BEFORE it is kept
+  locally: if the PACS refuses or is down, the request fails and nothing changes;
+* a PACS that is down, slow or refuses our credentials is a clear 424 (the request depended on the PACS), never
+  a 500; series already fetched keep working while it is down;
+* credentials come from a file (``pacs_credentials``, mode 0600) or the environment, never the command line, and
+  are sent over plain HTTP only to this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+from monailabel.datastore.local import DataModel, ImageLabelModel
+
+from apps.fetal_brain.lib.datastore import FetalDatastore
+from apps.fetal_brain.lib.dicom_seg import EmptySegmentationError, label_to_seg
+from apps.fetal_brain.lib.errors import InputError, NotFoundError
+from apps.fetal_brain.lib.ids import check_id, check_tag
+from apps.fetal_brain.lib.volumes import image_geometry, load_image, load_label_for
+from fetalseg.data.io import MAX_DICOM_FILES
+from fetalseg.plumbing import file_lock
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+LIST_TTL_S = 5.0
+DEFAULT_TIMEOUT_S = 30.0
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class PacsUnavailableError(InputError):
+    """The request needed the PACS and the PACS did not answer (down, slow, refused our credentials)."""
+
+    status = 424
+
+
+class PacsRefusedError(InputError):
+    """Operations the PACS datastore does not offer (adding or deleting PACS images through this app)."""
+
+    status = 405
+
+
+def check_uid(value: object) -> str:
+    """A safe id that is also a DICOM UID (digits and dots, at most 64 characters)."""
+    text = check_id(value)
+    if len(text) > 64 or not _UID.match(text):
+        raise NotFoundError(f"image {text!r} is not a DICOM SeriesInstanceUID of this PACS")
+    return text
+
+
+def read_credentials(path: str | Path | None, env: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """(user, password) from a JSON file ``{"user": ..., "password": ...}`` readable by its owner only, else from
+    ``FETAL_BRAIN_PACS_USER`` / ``FETAL_BRAIN_PACS_PASSWORD``; None when neither is set."""
+    env = dict(os.environ) if env is None else env
+    if path:
+        path = Path(path).expanduser()
+        try:
+            mode = path.stat().st_mode
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"pacs_credentials {path}: cannot be read as JSON ({exc})") from exc
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ValueError(f"pacs_credentials {path}: readable by others; chmod 600 it")
+        if not isinstance(data, dict) or not isinstance(data.get("user"), str) or "password" not in data:
+            raise ValueError(f'pacs_credentials {path}: expected {{"user": ..., "password": ...}}')
+        return data["user"], str(data["password"])
+    user, password = env.get("FETAL_BRAIN_PACS_USER"), env.get("FETAL_BRAIN_PACS_PASSWORD")
+    if user and password is not None:
+        return user, password
+    if password and not user:
+        raise ValueError("FETAL_BRAIN_PACS_PASSWORD is set without FETAL_BRAIN_PACS_USER")
+    return None
+
+
+class _TimeoutSession(requests.Session):
+    """A session whose requests time out (dicomweb-client passes none: a hung PACS would hang the app)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+
+    def request(self, method, url, **kwargs):  # type: ignore[override]
+        kwargs.setdefault("timeout", self.timeout_s)
+        return super().request(method, url, **kwargs)
+
+
+class PacsDatastore(FetalDatastore):
+    """The MR series of one DICOMweb server, cached locally; labels stored back as DICOM SEG."""
+
+    def __init__(
+        self,
+        url: str,
+        cache: str | Path,
+        *,
+        credentials: tuple[str, str] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        modality: str = "MR",
+        algorithm: str = "fetal_brain_seg",
+        read_only: bool = False,
+    ) -> None:
+        from dicomweb_client.api import DICOMwebClient
+
+        url = url.rstrip("/")
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"--studies {url!r} is not an http(s) DICOMweb URL")
+        if parsed.username or parsed.password:
+            raise ValueError("put PACS credentials in pacs_credentials or the environment, not in the URL")
+        if credentials and parsed.scheme == "http" and parsed.hostname not in _LOOPBACK:
+            raise ValueError(f"refusing to send PACS credentials over plain http to {parsed.hostname}; use https")
+        self.url = url
+        self.modality = modality
+        self.algorithm = algorithm
+        session = _TimeoutSession(timeout_s)
+        if credentials:
+            session.auth = credentials
+        self.client = DICOMwebClient(url=url, session=session)
+        self._listing: tuple[float, dict[str, dict[str, str]]] | None = None
+        self._fetch_lock = threading.Lock()
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        super().__init__(cache, auto_reload=False, read_only=read_only)
+
+    def name(self) -> str:
+        return self.url
+
+    # -- the PACS -------------------------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run a PACS request; its failures become 424 with the reason (404 stays 404)."""
+        try:
+            return fn()
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else None
+            if code in (401, 403):
+                reason = f"refused our credentials (HTTP {code}; check pacs_credentials)"
+            else:
+                reason = f"answered HTTP {code}"
+            raise PacsUnavailableError(f"{what}: the PACS at {self.url} {reason}; nothing was changed") from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise PacsUnavailableError(
+                f"{what}: the PACS at {self.url} is not reachable ({type(exc).__name__}); nothing was changed, "
+                "try again when it is back"
+            ) from exc
+
+    def remote_series(self, *, fresh: bool = False) -> dict[str, dict[str, str]]:
+        """SeriesInstanceUID -> {StudyInstanceUID, PatientID, ...} of the PACS's series of ``modality``."""
+        now = time.monotonic()
+        if not fresh and self._listing is not None and now - self._listing[0] < LIST_TTL_S:
+            return self._listing[1]
+        from pydicom.dataset import Dataset
+
+        found = self._call(
+            "listing series",
+            lambda: self.client.search_for_series(search_filters={"Modality": self.modality}, get_remaining=True),
+        )
+        series: dict[str, dict[str, str]] = {}
+        for item in found:
+            ds = Dataset.from_json(item)
+            uid = str(ds.get("SeriesInstanceUID", ""))
+            if _UID.match(uid) and len(uid) <= 64:
+                series[uid] = {
+                    key: str(ds.get(key, ""))
+                    for key in ("StudyInstanceUID", "PatientID", "StudyDate", "SeriesDescription", "Modality")
+                }
+                series[uid]["SeriesInstanceUID"] = uid
+        self._listing = (now, series)
+        return series
+
+    def _cached(self, image_id: str) -> bool:
+        obj = self._datastore.objects.get(image_id)
+        return obj is not None and (self.root / image_id).is_dir()
+
+    def check_image(self, image_id: str) -> str:
+        """404 unless ``image_id`` is a series of this PACS (cached or listed); cheap: nothing is downloaded."""
+        uid = check_uid(image_id)
+        if self._cached(uid):
+            return uid
+        if uid not in self.remote_series():
+            raise NotFoundError(f"image {uid!r} is not an {self.modality} series of the PACS at {self.url}")
+        return uid
+
+    def image_file(self, image_id: str) -> Path:
+        """The cached series folder of ``image_id``, fetched from the PACS on first use."""
+        uid = self.check_image(image_id)
+        if not self._cached(uid):
+            with self._fetch_lock:
+                if not self._cached(uid):
+                    self._fetch(uid, self.remote_series()[uid])
+        return self.root / uid
+
+    def get_image_uri(self, image_id: str) -> str:
+        return str(self.image_file(image_id))
+
+    def _fetch(self, uid: str, meta: dict[str, str]) -> None:
+        """Retrieve one series (WADO-RS) into the cache: staged, checked, renamed into place."""
+        instances = self._call(
+            f"fetching series {uid}", lambda: self.client.retrieve_series(meta["StudyInstanceUID"], uid)
+        )
+        if not instances or len(instances) > MAX_DICOM_FILES:
+            raise InputError(f"series {uid}: {len(instances)} instances (expected 1..{MAX_DICOM_FILES})", status=422)
+        staged = Path(tempfile.mkdtemp(prefix="series-", dir=self._staging()))
+        try:
+            for i, ds in enumerate(instances):
+                if str(ds.get("SeriesInstanceUID", "")) != uid:
+                    raise InputError(f"series {uid}: the PACS returned an instance of another series", status=422)
+                ds.save_as(str(staged / f"{i:05d}.dcm"), write_like_original=False)
+            load_image(staged)  # one readable 3D series, or 422 with the reason
+            with file_lock(self._lock_file):
+                dest = self.root / uid
+                if dest.exists():
+                    shutil.rmtree(dest)
+                os.replace(staged, dest)
+                info = {**meta, "ts": int(time.time()), "name": uid, "format": "dicom", "source": self.url}
+                existing = self._datastore.objects.get(uid)
+                labels = existing.labels if existing is not None else {}
+                self._datastore.objects[uid] = ImageLabelModel(image=DataModel(info=info, ext=""), labels=labels)
+                self._update_datastore_file(lock=False)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        log.info("fetched series %s (%d instances) from %s", uid, len(instances), self.url)
+
+    # -- listing (MONAI Label's datastore API) ---------------------------------------------------------------------
+    def list_images(self) -> list[str]:
+        """The PACS's series; while it is down, the series already fetched (so /info/ and /datastore/ answer)."""
+        try:
+            return sorted(self.remote_series())
+        except PacsUnavailableError as exc:
+            log.warning("%s; listing cached series only", exc)
+            return sorted(uid for uid in self._datastore.objects if self._cached(uid))
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        tag = label_tag or "final"
+        return [uid for uid in self.list_images() if tag not in getattr(self._datastore.objects.get(uid), "labels", {})]
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        tag = label_tag or "final"
+        return [uid for uid, obj in sorted(self._datastore.objects.items()) if tag in obj.labels]
+
+    def _add_non_existing_images(self) -> int:
+        return 0  # the cache lists only what was fetched through _fetch (never files dropped in its folder)
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        uid = self.check_image(image_id)
+        obj = self._datastore.objects.get(uid)
+        if obj is not None:
+            return dict(obj.image.info)
+        return dict(self.remote_series().get(uid, {}))
+
+    # -- writes ---------------------------------------------------------------------------------------------------
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        raise PacsRefusedError("images come from the PACS: store the series there (this app does not add images)")
+
+    def remove_image(self, image_id: str) -> None:
+        raise PacsRefusedError("images live in the PACS: this app never deletes them")
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Check the label, store it in the PACS as a DICOM SEG on its series, then keep it locally (NIfTI)."""
+        folder = self.image_file(image_id)
+        tag = check_tag(label_tag or "final")
+        label = load_label_for(folder, Path(label_filename))
+        _, affine = image_geometry(folder)
+        info = dict(label_info or {})
+        try:
+            seg = label_to_seg(np.asarray(label), affine, folder, tag=tag, algorithm=self.algorithm)
+        except EmptySegmentationError as exc:
+            info["pacs"] = {"stored": False, "reason": str(exc)}
+            log.warning("label %s/%s not stored in the PACS: %s", image_id, tag, exc)
+        else:
+            self._call(f"storing the {tag} label of {image_id}", lambda: self.client.store_instances([seg]))
+            info["pacs"] = {
+                "stored": True,
+                "SeriesInstanceUID": str(seg.SeriesInstanceUID),
+                "SOPInstanceUID": str(seg.SOPInstanceUID),
+                "StudyInstanceUID": str(seg.StudyInstanceUID),
+            }
+            log.info("stored %s label of %s in the PACS as SEG series %s", tag, image_id, seg.SeriesInstanceUID)
+        return super().save_label(image_id, label_filename, tag, info)
+
+
+def open_pacs_datastore(url: str, config: Any, *, read_only: bool = False) -> PacsDatastore:
+    """The app's PACS datastore from its settings (cache folder, credentials, time-out)."""
+    from hashlib import sha256
+
+    cache = config.pacs_cache or Path.home() / ".cache" / "fetal-fl" / "pacs" / sha256(url.encode()).hexdigest()[:16]
+    return PacsDatastore(
+        url,
+        cache,
+        credentials=read_credentials(config.pacs_credentials),
+        timeout_s=config.pacs_timeout_s,
+        read_only=read_only,
+    )
