@@ -5,7 +5,6 @@ last round and sent in the final evaluation), whose shared weights' hash it reco
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from fetalseg.subspace import parameter_names
 from nvflare_jobs.config import ENV_SITE_STATE
 from nvflare_jobs.fetal_brain.job import build_recipe
 from tests.nvflare_jobs.conftest import SITES, TINY_OVERRIDES
-from tests.nvflare_jobs.received_keys import ReceivedKeys
+from tests.nvflare_jobs.received import ReceivedRecorder, read_received
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -38,9 +37,9 @@ def job(tmp_path_factory, make_config, fl_env: dict) -> tuple[Path, list[dict], 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(ENV_SITE_STATE, str(tmp / "state"))
         recipe = build_recipe(config, command=f"{sys.executable} -u")
-        recipe.add_server_input_filter(ReceivedKeys(str(received)), tasks=["train"])
+        recipe.add_server_input_filter(ReceivedRecorder(str(received)), tasks=["train"])
         recipe.run(SimEnv(clients=SITES, num_threads=len(SITES), workspace_root=str(tmp / "sim")))
-    rows = [json.loads(line) for line in received.read_text().splitlines() if line.strip()]
+    rows = read_received(received, updates_only=True)
     return tmp / "state", rows, tmp / "sim"
 
 

@@ -283,7 +283,7 @@ def test_median_outvotes_a_poisoning_site_in_the_simulator(tmp_path: Path, make_
 
     from nvflare_jobs.fetal_brain.job import build_recipe
     from nvflare_jobs.fetal_brain.model import FetalBrainNet
-    from tests.nvflare_jobs.received_updates import ReceivedUpdates
+    from tests.nvflare_jobs.received import ReceivedRecorder, read_received
 
     config = make_config(
         num_rounds=1, min_clients=3, cross_site_eval=False, server={"aggregation": {"method": "median"}}
@@ -291,7 +291,7 @@ def test_median_outvotes_a_poisoning_site_in_the_simulator(tmp_path: Path, make_
     per_site = {"site-3": {"train_script": str(POISONER), "train_args": "--norm 100 --config fetal_fl_job.json"}}
     recipe = build_recipe(config, per_site_config=per_site, command=f"{sys.executable} -u")
     received = tmp_path / "received"
-    recipe.add_server_input_filter(ReceivedUpdates(str(received)), tasks=["train"])
+    recipe.add_server_input_filter(ReceivedRecorder(str(received / "received.jsonl"), arrays=True), tasks=["train"])
     recipe.run(SimEnv(clients=list(config["sites"]), num_threads=3, workspace_root=str(tmp_path / "sim")))
 
     run = tmp_path / "sim" / config["name"]
@@ -317,7 +317,8 @@ def test_median_outvotes_a_poisoning_site_in_the_simulator(tmp_path: Path, make_
         return float(np.sqrt(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in a)))
 
     honest_mean = combine([updates["site-1"], updates["site-2"]], method=MEAN)
-    steps = [json.loads((received / f"{s}_round0.json").read_text())["num_steps"] for s in updates]
+    meta = {r["site"]: r["meta"] for r in read_received(received / "received.jsonl", updates_only=True)}
+    steps = [meta[s].get(FLMetaKey.NUM_STEPS_CURRENT_ROUND) for s in updates]  # FedAvg's weight of each update
     assert all(isinstance(n, int) and n > 0 for n in steps)
     mean = combine(list(updates.values()), steps, method=MEAN)  # FedAvg's step-weighted mean of the same updates
     half_gap = dist({k: updates["site-1"][k] / 2 for k in change}, {k: updates["site-2"][k] / 2 for k in change})

@@ -16,7 +16,7 @@ import pytest
 from fetalseg.labels import foreground_labels
 from nvflare_jobs.config import DP_REPORT_KEY, ENV_PRIVACY_LEDGER, ENV_SITE_STATE
 from nvflare_jobs.fetal_brain.job import build_recipe
-from tests.nvflare_jobs.received_recorder import ReceivedRecorder
+from tests.nvflare_jobs.received import ReceivedRecorder
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
 
