@@ -53,9 +53,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -185,7 +186,26 @@ def fault_threads(dead: int, n_sites: int, free: int = 2) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
-class MemorySampler:
+class _Background:
+    """Runs ``_run`` in a daemon thread for the length of a ``with`` block; ``_run`` ends when ``_stop`` is set."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class MemorySampler(_Background):
     """Samples the simulator's processes (children of this process) every ``interval`` s; aborts below a floor.
 
     The server process: the simulator's process whose cwd is the server workspace (it runs the server app; the
@@ -195,6 +215,7 @@ class MemorySampler:
     def __init__(self, min_free_bytes: int, interval: float = 0.5) -> None:
         import psutil
 
+        super().__init__()
         self.psutil = psutil
         self.me = psutil.Process()
         self.min_free = min_free_bytes
@@ -204,16 +225,6 @@ class MemorySampler:
         self.server_pid: int | None = None
         self.aborted: str | None = None
         self.min_available = psutil.virtual_memory().available
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     @staticmethod
     def _hwm(pid: int) -> int:
@@ -418,6 +429,25 @@ def waits(windows: list[dict[str, Any]], arrivals: dict[int, list[tuple[float, s
 
 
 # ------------------------------------------------------------------------------------------------------- one run
+def _peak_mb(samples: list[dict[str, float]], key: str) -> float:
+    """The largest ``key`` (bytes) among memory samples, in MB (0 without samples)."""
+    return max((s[key] for s in samples), default=0) / MB
+
+
+def _reused(saved: Path, name: str, accept: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+    """A run's result saved by an earlier invocation (``--reuse``), if there is one and ``accept`` (if given) takes
+    it; marked with where it came from."""
+    if not saved.is_file():
+        return None
+    old = json.loads(saved.read_text())
+    old["job_completed"] = _completed(old)
+    if accept is not None and not accept(old):
+        return None
+    print(f"[bench_scale] {name}: reusing {saved}", flush=True)
+    old["reused_from"] = str(saved)
+    return old
+
+
 def run_one(
     args: argparse.Namespace,
     data_root: Path,
@@ -437,13 +467,13 @@ def run_one(
     sites = site_names(n_sites)
     rounds = rounds or args.rounds
     saved = work / f"{name}.result.json"  # each run's result, so a later invocation can reuse it (--reuse)
-    if args.reuse and saved.is_file():
-        old = json.loads(saved.read_text())
-        old["job_completed"] = _completed(old)
-        if old["job_completed"] and old["threads"] == threads and old["config"]["num_rounds"] == rounds:
-            print(f"[bench_scale] {name}: reusing {saved}", flush=True)
-            old["reused_from"] = str(saved)
-            return old
+
+    def same_run(r: dict[str, Any]) -> bool:
+        return r["job_completed"] and r["threads"] == threads and r["config"]["num_rounds"] == rounds
+
+    old = _reused(saved, name, same_run) if args.reuse else None
+    if old is not None:
+        return old
     need = (SERVER_GB + threads * WORKER_GB) * GB
     available = psutil.virtual_memory().available
     result: dict[str, Any] = {"sites": n_sites, "threads": threads, "name": name, "expected_peak_gb": need / GB,
@@ -482,8 +512,8 @@ def run_one(
             {
                 **{k: w[k] for k in ("round", "seconds", "closed", "message")},
                 "seconds_per_site": w["seconds"] / n_sites,
-                "server_peak_rss_mb": max((s["server_rss"] for s in inside), default=0) / MB,
-                "tree_peak_rss_mb": max((s["tree_rss"] for s in inside), default=0) / MB,
+                "server_peak_rss_mb": _peak_mb(inside, "server_rss"),
+                "tree_peak_rss_mb": _peak_mb(inside, "tree_rss"),
                 "max_concurrent_workers": max((s["workers"] for s in inside), default=0),
                 **bytes_by_round.get(w["round"], {}),
             }
@@ -493,9 +523,9 @@ def run_one(
         rounds_completed=len(windows),
         job_completed=error is None and sampler.aborted is None and len(windows) == rounds,  # see _completed
         server_hwm_mb=sampler.server_hwm / MB,
-        server_peak_rss_mb=max((s["server_rss"] for s in samples), default=0) / MB,
-        tree_peak_rss_mb=max((s["tree_rss"] for s in samples), default=0) / MB,
-        workers_peak_rss_mb=max((s["workers_rss"] for s in samples), default=0) / MB,
+        server_peak_rss_mb=_peak_mb(samples, "server_rss"),
+        tree_peak_rss_mb=_peak_mb(samples, "tree_rss"),
+        workers_peak_rss_mb=_peak_mb(samples, "workers_rss"),
         samples=len(samples),
         run_dir=str(run),
         simulator_lost_threads=len(re.findall(LOST_THREAD, server_log)),
@@ -521,12 +551,8 @@ def fault_run(args: argparse.Namespace, data_root: Path, work: Path, how: str) -
     name = f"fault_{n}_{how}"
     record = work / f"deaths_{how}.jsonl"
     saved = work / f"{name}.result.json"
-    if args.reuse and saved.is_file():  # a fault run is a behaviour test: reused whether or not the job completed
-        print(f"[bench_scale] {name}: reusing {saved}", flush=True)
-        res = json.loads(saved.read_text())
-        res["job_completed"] = _completed(res)
-        res["reused_from"] = str(saved)
-    else:
+    res = _reused(saved, name) if args.reuse else None  # a fault run is a behaviour test: reused even if it failed
+    if res is None:
         record.unlink(missing_ok=True)
         script_dir = work / "dying_client"
         script_dir.mkdir(parents=True, exist_ok=True)
@@ -562,7 +588,7 @@ def fault_run(args: argparse.Namespace, data_root: Path, work: Path, how: str) -
     return res
 
 
-class StoppedReaper:
+class StoppedReaper(_Background):
     """Frozen site processes (SIGSTOP) block the simulator thread that runs them until they end: once the server log
     shows the job's last round closed (or the job ending), this kills them (by pid; descendants of this process), so
     the simulator can finish."""
@@ -570,18 +596,9 @@ class StoppedReaper:
     DONE = re.compile(r"round (\d+): (?:aggregating|continuing)|Finished FedAvg|triggered abort_signal|END_RUN fired")
 
     def __init__(self, server_log: Path, rounds: int) -> None:
+        super().__init__()
         self.server_log, self.rounds = server_log, rounds
         self.killed: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> StoppedReaper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def _done(self) -> bool:
         text = self.server_log.read_text(errors="replace") if self.server_log.is_file() else ""
