@@ -28,6 +28,10 @@ is an error here, never a quietly weaker privacy setting.
 
 DP noise is added at the sites: this is post-processing and changes no ε. Secure aggregation (the server sees only
 the sum) cannot be combined with ``median``, ``trimmed_mean`` or server-side clipping.
+
+``server.secure_aggregation`` (:mod:`nvflare_jobs.secure_aggregation`, docs/secure_aggregation.md) turns on pairwise
+masking: ``{"enabled": true, "threshold": 2}``; ``threshold`` (default: a bare majority of the sites) must be a strict
+majority of the sites and at most their number; ``frac_bits`` (default 16) is the fixed-point precision.
 """
 
 from __future__ import annotations
@@ -302,6 +306,39 @@ def _check_aggregation(agg: Any, *, n_sites: int, max_update_norm: float) -> tup
     return method, trim, clip
 
 
+def _check_secure_aggregation(sa: Any, *, sites: Sequence[str], robust: bool, filters: Sequence[FilterSpec]):
+    """``server.secure_aggregation``: ``(enabled, threshold, frac_bits)``; refused with anything that needs each
+    site's update in the clear at the server."""
+    if sa is None:
+        return False, 0, 0
+    if not isinstance(sa, Mapping):
+        raise ConfigError(f"server.secure_aggregation must be an object such as {{'enabled': true}}, got {sa!r}")
+    _check_keys("server.secure_aggregation", sa, ["enabled", "threshold", "frac_bits"])
+    enabled = sa.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"server.secure_aggregation.enabled must be true or false, got {enabled!r}")
+    if not enabled:
+        return False, 0, 0
+    from privacy.secure_aggregation.protocol import check_params
+
+    threshold = sa.get("threshold", len(sites) // 2 + 1)
+    frac_bits = sa.get("frac_bits", 16)
+    try:
+        check_params(sites, threshold, frac_bits)
+    except ValueError as e:
+        raise ConfigError(f"server.secure_aggregation: {e}") from None
+    if robust:
+        raise ConfigError(
+            "server.secure_aggregation cannot be combined with server.aggregation (median, trimmed_mean or "
+            "clip_update_norm): those need every site's update in the clear at the server"
+        )
+    if any(spec.needs_sparse_decoder for spec in filters):
+        raise ConfigError(
+            "server.secure_aggregation cannot be combined with sparse_percentile (the server decodes each site)"
+        )
+    return True, threshold, frac_bits
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """A validated job config; build it with :func:`load_config` or :meth:`JobConfig.from_dict`."""
@@ -345,6 +382,10 @@ class JobConfig:
     aggregation_method: str = "mean"
     trim_fraction: float = 0.0
     clip_update_norm: float | None = None
+    # server.secure_aggregation (nvflare_jobs.secure_aggregation): the server sees only the sum of the updates
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0
+    secagg_frac_bits: int = 0
 
     @property
     def robust_aggregation(self) -> bool:
@@ -463,13 +504,26 @@ class JobConfig:
         _check_keys(
             "server",
             server,
-            ["max_update_norm", "straggler_wait_s", "task_timeout_s", "task_request_interval_s", "aggregation"],
+            [
+                "max_update_norm",
+                "straggler_wait_s",
+                "task_timeout_s",
+                "task_request_interval_s",
+                "aggregation",
+                "secure_aggregation",
+            ],
         )
         max_norm = float(
             _number("server.max_update_norm", server.get("max_update_norm", 1.0e3), low=0, strict_low=True)
         )
         aggregation_method, trim_fraction, clip_update_norm = _check_aggregation(
             server.get("aggregation"), n_sites=len(sites), max_update_norm=max_norm
+        )
+        secure_aggregation, secagg_threshold, secagg_frac_bits = _check_secure_aggregation(
+            server.get("secure_aggregation"),
+            sites=sites,
+            robust=aggregation_method != "mean" or clip_update_norm is not None,
+            filters=filters,
         )
         straggler = _int("server.straggler_wait_s", server.get("straggler_wait_s", 60), low=0)
         task_timeout = _int("server.task_timeout_s", server.get("task_timeout_s", 0), low=0)
@@ -555,6 +609,9 @@ class JobConfig:
             aggregation_method=aggregation_method,
             trim_fraction=trim_fraction,
             clip_update_norm=clip_update_norm,
+            secure_aggregation=secure_aggregation,
+            secagg_threshold=secagg_threshold,
+            secagg_frac_bits=secagg_frac_bits,
         )
 
     # ------------------------------------------------------------------------------------------------------
