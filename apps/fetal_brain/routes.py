@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from apps.fetal_brain.lib import audit
+from apps.fetal_brain.lib import qc as app_qc
 from apps.fetal_brain.lib.errors import (
     BadRequestError,
     InputError,
@@ -58,6 +59,7 @@ from fetalseg.local_part import NEVER_SENT, holds_local_parts
 log = logging.getLogger(__name__)
 
 INFER_PARAMS = {"result_extension", "sw_overlap", "roi_size", "save_label", "client_id", "device", "label_tag"}
+INFER_PARAMS |= {"ga_weeks"}  # gestational age for the volume check (apps.fetal_brain.lib.qc)
 FORBIDDEN_INFER_PARAMS = {"image", "model", "label", "file", "session", "session_id", "model_filename", "images"}
 OUTPUTS = {"json", "image", "all"}
 _COPY_BLOCK = 1 << 20
@@ -263,6 +265,13 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
             request["image"] = image
         else:
             raise BadRequestError("no image: pass ?image=<datastore id> or upload a file")
+        try:  # a missing GA is fine, an absurd one is a 4xx before the model runs
+            qc_image = path if path is not None else instance.datastore().image_file(image)
+            await run_in_threadpool(app_qc.resolve_ga, qc_image, request.get(app_qc.GA_PARAM))
+        except Exception:
+            if path is not None:
+                discard(path)
+            raise
         try:
             result = await in_infer_pool(instance.infer, request)
         finally:  # the input is not needed once the model ran; on errors no background task would remove it
@@ -303,6 +312,7 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
         path = await receive_upload(label, allowed=LABEL_SUFFIXES, limit=max_upload_bytes, role="label", grid=grid)
         try:
             sha = await run_in_threadpool(_file_sha256, path)
+            info["qc"] = await run_in_threadpool(app_qc.check_correction, image_path, path, info)  # 409 if flagged
             label_id = await run_in_threadpool(datastore.save_label, image, str(path), tag, info)
         finally:
             discard(path)
@@ -319,7 +329,7 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
             model=_served_model(instance),
         )
         res = instance.on_save_label(image, label_id) or {}
-        res.update({"image": image, "label": label_id, "tag": tag})
+        res.update({"image": image, "label": label_id, "tag": tag, "qc": info["qc"]})
         return res
 
     @front.post("/activelearning/{strategy}")

@@ -24,6 +24,7 @@ from apps.fetal_brain.lib.config import AppConfig
 from apps.fetal_brain.lib.errors import BadRequestError
 from apps.fetal_brain.lib.model_store import ModelStore
 from apps.fetal_brain.lib.prepared import PreparedInputs
+from apps.fetal_brain.lib.qc import GA_PARAM, check_result
 from apps.fetal_brain.lib.uploads import new_result_path
 from apps.fetal_brain.lib.volumes import check_image_header, load_image
 from apps.fetal_brain.lib.writers import RESULT_EXTENSIONS, check_extension, present_values, write_result
@@ -188,5 +189,6 @@ class FetalBrainSegmentation(BasicInferTask):
             "shape": [int(s) for s in label.shape],
             "label_values": present_values(label),
             "model": {k: model.get(k) for k in ("bundle_version", "trained", "origin", "job_id", "round", "sha256")},
+            "qc": check_result(label, data["pred_affine"], image=data.get("image"), requested=data.get(GA_PARAM)),
         }
         return str(path), summary
