@@ -371,31 +371,29 @@ def per_round_bytes(run: Path, windows: list[dict[str, Any]], sites: list[str]) 
             r = _in_round(t, windows)
             if r is not None:
                 out[r]["received_envelope"] += n
-    audit = run / "server" / "audit" / "received.jsonl"
-    if audit.is_file():
-        for line in audit.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            r = rec.get("round")
-            if r in out:
-                out[r]["audit_payload"] += int(rec.get("bytes", 0))
-                out[r]["audit_updates"] += 1
+    for rec in _audit_records(run):
+        r = rec.get("round")
+        if r in out:
+            out[r]["audit_payload"] += int(rec.get("bytes", 0))
+            out[r]["audit_updates"] += 1
     return out
+
+
+def _audit_records(run: Path) -> list[dict[str, Any]]:
+    """The server audit filter's records of the updates it received (unreadable lines skipped)."""
+    audit = run / "server" / "audit" / "received.jsonl"
+    records = []
+    for line in audit.read_text().splitlines() if audit.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
 
 
 def audit_times(run: Path) -> dict[int, list[tuple[float, str]]]:
     """Per round: (arrival time, site) of every update the server's audit filter recorded, in order."""
-    audit = run / "server" / "audit" / "received.jsonl"
     out: dict[int, list[tuple[float, str]]] = {}
-    if audit.is_file():
-        for line in audit.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out.setdefault(int(rec["round"]), []).append((float(rec["time"]), str(rec["site"])))
+    for rec in _audit_records(run):
+        out.setdefault(int(rec["round"]), []).append((float(rec["time"]), str(rec["site"])))
     return {r: sorted(v) for r, v in out.items()}
 
 
