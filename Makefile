@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	# CrypTen 0.4.1 (encrypted inference): its declared deps include the dead `sklearn` package, so --no-deps,
+	# then the two it needs (pinned in the constraints: onnx's newest ml_dtypes would pull numpy 2)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-deps crypten==0.4.1
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) onnx omegaconf
 	touch $(STAMP)
 
 install: $(STAMP)
