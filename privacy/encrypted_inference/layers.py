@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from monai.networks.blocks import ResidualUnit
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNet
@@ -35,7 +35,7 @@ from privacy.encrypted_inference.shims import local
 SCALE_EXPONENT = 7  # scales are powers of 4 within 4**±7: exact in CrypTen's 16-bit fixed point (2**-16 .. 2**14)
 
 
-class UnsupportedLayer(ValueError):
+class UnsupportedLayerError(ValueError):
     """The network holds a module with no encrypted counterpart (raised before any traffic)."""
 
 
@@ -62,7 +62,7 @@ def conv3d(x: Any, weight: Any, bias: Any, *, stride: tuple[int, ...], padding: 
     o, _, kd, _, _ = weight.shape
     sd, sh, sw = stride
     pd, ph, pw = padding
-    xp = local(x, lambda s: F.pad(s, (pw, pw, ph, ph, pd, pd))[0].permute(1, 0, 2, 3))  # (Dp, C, Hp, Wp)
+    xp = local(x, lambda s: nnf.pad(s, (pw, pw, ph, ph, pd, pd))[0].permute(1, 0, 2, 3))  # (Dp, C, Hp, Wp)
     dp = xp.shape[0]
     d_out = (dp - kd) // sd + 1
     y = xp.conv2d(_stack_depth_taps(weight, False), stride=(sh, sw))  # (Dp, kD·O, H', W')
@@ -105,7 +105,7 @@ def conv_transpose3d(
             full[t : t + (d - 1) * stride[0] + 1 : stride[0]] += s[:, t]
         full = full.permute(1, 0, 2, 3).unsqueeze(0)  # (1, O, Df, Hf, Wf)
         extra = [max(0, p + n - f) for p, n, f in zip(padding, sizes, full.shape[2:])]
-        full = F.pad(full, (0, extra[2], 0, extra[1], 0, extra[0]))
+        full = nnf.pad(full, (0, extra[2], 0, extra[1], 0, extra[0]))
         return full[
             :,
             :,
@@ -164,23 +164,27 @@ _PASS_THROUGH = (nn.Dropout, nn.Dropout3d, nn.Identity)
 
 
 def check_supported(network: nn.Module) -> None:
-    """Raise :class:`UnsupportedLayer` naming the first module :class:`EncryptedNetwork` cannot compute."""
+    """Raise :class:`UnsupportedLayerError` naming the first module :class:`EncryptedNetwork` cannot compute."""
     for name, module in network.named_modules():
         if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
             if module.groups != 1 or tuple(module.dilation) != (1, 1, 1) or module.padding_mode != "zeros":
-                raise UnsupportedLayer(f"{name}: only zero-padded, ungrouped, undilated convolutions are supported")
+                raise UnsupportedLayerError(
+                    f"{name}: only zero-padded, ungrouped, undilated convolutions are supported"
+                )
         elif isinstance(module, nn.InstanceNorm3d):
             if module.track_running_stats:
-                raise UnsupportedLayer(f"{name}: instance norm with running statistics is not supported")
+                raise UnsupportedLayerError(f"{name}: instance norm with running statistics is not supported")
         elif isinstance(module, SkipConnection):
             if module.mode not in ("cat", "add") or module.dim != 1:
-                raise UnsupportedLayer(f"{name}: SkipConnection mode {module.mode!r} dim {module.dim} not supported")
+                raise UnsupportedLayerError(
+                    f"{name}: SkipConnection mode {module.mode!r} dim {module.dim} not supported"
+                )
         elif isinstance(module, (nn.LeakyReLU, nn.PReLU, ResidualUnit, UNet, nn.Sequential, *_PASS_THROUGH)):
             pass
         elif isinstance(module, nn.Dropout) or not list(module.children()):
-            raise UnsupportedLayer(f"{name or 'network'}: {type(module).__name__} has no encrypted counterpart")
+            raise UnsupportedLayerError(f"{name or 'network'}: {type(module).__name__} has no encrypted counterpart")
         else:
-            raise UnsupportedLayer(f"{name or 'network'}: container {type(module).__name__} is not supported")
+            raise UnsupportedLayerError(f"{name or 'network'}: container {type(module).__name__} is not supported")
 
 
 class EncryptedNetwork:
@@ -207,7 +211,7 @@ class EncryptedNetwork:
         prefix = self.names[id(module)]
         return self.params[f"{prefix}.{attr}" if prefix else attr]
 
-    def _run(self, module: nn.Module, x: Any) -> Any:  # noqa: C901 - one branch per module type
+    def _run(self, module: nn.Module, x: Any) -> Any:
         if isinstance(module, UNet):
             return self._run(module.model, x)
         if isinstance(module, ResidualUnit):
@@ -255,7 +259,7 @@ class EncryptedNetwork:
             return prelu(x, self._param(module, "weight"))
         if isinstance(module, _PASS_THROUGH):
             return x
-        raise UnsupportedLayer(f"{type(module).__name__} has no encrypted counterpart")
+        raise UnsupportedLayerError(f"{type(module).__name__} has no encrypted counterpart")
 
 
 def _cat_channels(x: Any, y: Any) -> Any:

@@ -34,7 +34,7 @@ _OLD_REGISTRATION = "torch.onnx._internal.registration"
 _NEW_REGISTRATION = "torch.onnx._internal.torchscript_exporter.registration"
 
 
-class CryptenUnavailable(RuntimeError):
+class CryptenUnavailableError(RuntimeError):
     """CrypTen is not installed (``make install`` installs it; see docs/encrypted_inference.md)."""
 
 
@@ -50,12 +50,12 @@ def alias_onnx_registration() -> bool:
 
 @functools.cache
 def crypten_module() -> Any:
-    """``import crypten`` with the shims applied and the project's settings; raises :class:`CryptenUnavailable`."""
+    """``import crypten`` with the shims applied and the project's settings; raises :class:`CryptenUnavailableError`."""
     alias_onnx_registration()
     try:
         import crypten
     except ImportError as exc:
-        raise CryptenUnavailable(
+        raise CryptenUnavailableError(
             f"CrypTen {CRYPTEN_VERSION} is not importable ({exc}); install it with "
             f"`pip install --no-deps crypten=={CRYPTEN_VERSION} onnx omegaconf` (the Makefile does)"
         ) from exc

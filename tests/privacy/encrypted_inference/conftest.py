@@ -11,11 +11,11 @@ import os
 
 import pytest
 
-from privacy.encrypted_inference.shims import CryptenUnavailable, crypten_module
+from privacy.encrypted_inference.shims import CryptenUnavailableError, crypten_module
 
 try:
     crypten_module()
-except CryptenUnavailable as exc:  # make install installs it; a bare venv may not have it
+except CryptenUnavailableError as exc:  # make install installs it; a bare venv may not have it
     pytest.skip(f"skipped: {exc}", allow_module_level=True)
 
 

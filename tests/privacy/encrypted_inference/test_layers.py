@@ -84,9 +84,9 @@ def test_leaky_relu_and_prelu(one_party, x):
 
 def test_unsupported_module_is_named_before_any_traffic():
     net = nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2))
-    with pytest.raises(layers.UnsupportedLayer, match="BatchNorm3d"):
+    with pytest.raises(layers.UnsupportedLayerError, match="BatchNorm3d"):
         layers.check_supported(net)
-    with pytest.raises(layers.UnsupportedLayer, match="dilat"):
+    with pytest.raises(layers.UnsupportedLayerError, match="dilat"):
         layers.check_supported(nn.Sequential(nn.Conv3d(1, 2, 3, dilation=2)))
 
 
