@@ -141,6 +141,10 @@ class FetalBrainRecipe(FedAvgRecipe):
         self._job.set_app_packages(list(APP_PACKAGES))
         self.add_client_file(str(self.config_file))
         self._add_privacy()
+        if config.secure_aggregation:  # masks last (after every privacy filter); the NaN/norm guard moves to the site
+            from nvflare_jobs.secure_aggregation.wiring import add_site_side
+
+            add_site_side(self, config, train_task=TRAIN_TASK, max_update_norm=self._guard_max_norm())
         # audit: the site records what leaves (after every privacy filter), the server what arrives (before any)
         self.add_client_output_filter(SiteAuditFilter(chain=self._chain()), tasks=[TRAIN_TASK])
         self.add_server_input_filter(ServerAuditFilter(), tasks=[TRAIN_TASK])
@@ -148,8 +152,9 @@ class FetalBrainRecipe(FedAvgRecipe):
             self.add_server_input_filter(build_class_filter(SPARSE_DECODER, {}), tasks=[TRAIN_TASK])
         # ...then every update is checked before it can reach the aggregator
         # (only weight DIFFs: a full-weights "update" would escape the norm limit and be added as a DIFF)
-        guard = UpdateGuard(max_norm=self._guard_max_norm(), data_kind=DataKind.WEIGHT_DIFF.value)
-        self.add_server_input_filter(guard, tasks=[TRAIN_TASK])
+        if not config.secure_aggregation:  # a masked update has no norm to check: the sites check before masking
+            guard = UpdateGuard(max_norm=self._guard_max_norm(), data_kind=DataKind.WEIGHT_DIFF.value)
+            self.add_server_input_filter(guard, tasks=[TRAIN_TASK])
         self._job.to_server(
             BundleCheckpointWriter(bundle_overrides=config.bundle_overrides, initialized_from=self.initial_model),
             id="bundle_checkpoint",
@@ -199,6 +204,10 @@ class FetalBrainRecipe(FedAvgRecipe):
         """``server.aggregation``: None (NVFlare's built-in FedAvg mean, as before) unless a robust method or a clip
         norm is configured."""
         cfg = self.config
+        if cfg.secure_aggregation:
+            from nvflare_jobs.secure_aggregation.server import SecureAggregator
+
+            return SecureAggregator()
         if not cfg.robust_aggregation:
             return None
         return RobustAggregator(
@@ -244,19 +253,26 @@ class FetalBrainRecipe(FedAvgRecipe):
             straggler_wait_s=cfg.straggler_wait_s,
             task_timeout_s=cfg.task_timeout_s,
         )
+        fedavg, fedopt = FetalFedAvg, FetalFedOpt
+        if cfg.secure_aggregation:
+            from nvflare_jobs.secure_aggregation.server import SecureFetalFedAvg, SecureFetalFedOpt
+            from nvflare_jobs.secure_aggregation.wiring import controller_kwargs
+
+            common.update(controller_kwargs(cfg))
+            fedavg, fedopt = SecureFetalFedAvg, SecureFetalFedOpt
         if cfg.algorithm == "fedopt":
             if cfg.init_seed is None:
                 raise ValueError(
                     "fedopt needs runtime.init_seed: the server optimiser's model must equal the initial one"
                 )
-            return FetalFedOpt(
+            return fedopt(
                 **common,
                 source_model=FetalBrainNet(cfg.bundle_overrides, init_seed=cfg.init_seed),
                 optimizer_args=ensure_config_type_dict(cfg.fedopt_optimizer),
                 lr_scheduler_args=ensure_config_type_dict(cfg.fedopt_lr_scheduler),
                 device="cpu",
             )
-        return FetalFedAvg(**common, fedprox_mu=cfg.fedprox_mu if cfg.algorithm == "fedprox" else None)
+        return fedavg(**common, fedprox_mu=cfg.fedprox_mu if cfg.algorithm == "fedprox" else None)
 
 
 def build_recipe(
