@@ -21,6 +21,9 @@ percentile filter.
   (``meta["dp_sgd"]``, from :mod:`privacy.dpsgd`): a model update without one, or with ε above the site's
   maximum, never leaves the site (NVFlare replies ``TASK_RESULT_FILTER_ERROR`` and sends no weights).
 
+:class:`RequireSecureAggregation` (issue 20) refuses, before any training, a job whose config does not turn on
+``server.secure_aggregation`` (or sets a lower threshold than the site's minimum).
+
 Both checks trust the job's client code to do and report what its config says, so they catch configuration
 mistakes (a job that forgot DP-SGD or asks for too large an ε), not a malicious job author; sites review the
 job's code for that.
@@ -188,4 +191,78 @@ class RequireDPSGD(DXOFilter):
             raise
         report = dxo.get_meta_prop(DP_REPORT_KEY)
         self.log_info(fl_ctx, f"site privacy policy: DP-SGD update allowed (epsilon={report['epsilon']:.4g})")
+        return dxo
+
+
+def check_secure_aggregation(config: Any, *, min_threshold: int | None = None) -> None:
+    """Raise :class:`PolicyViolationError` unless the job config (a :class:`nvflare_jobs.config.JobConfig`) turns
+    on ``server.secure_aggregation`` with at least ``min_threshold``."""
+    if config is None:
+        raise PolicyViolationError(
+            "this site's privacy policy requires secure aggregation, but the job ships no fetal-fl job config to "
+            "check: refused before any training"
+        )
+    if not config.secure_aggregation:
+        raise PolicyViolationError(
+            "this site's privacy policy requires secure aggregation (the server may see only the sum of the "
+            "sites' updates), but the job does not enable server.secure_aggregation: refused before any training"
+        )
+    if min_threshold is not None and config.secagg_threshold < min_threshold:
+        raise PolicyViolationError(
+            f"the job's secure-aggregation threshold {config.secagg_threshold} is below this site's minimum "
+            f"{min_threshold} (RequireSecureAggregation): refused before any training"
+        )
+
+
+class RequireSecureAggregation(DXOFilter):
+    """Site policy filter (``privacy.json``, task data AND task results): this site takes part only in jobs whose
+    config turns on secure aggregation (:mod:`nvflare_jobs.secure_aggregation`), with at least ``min_threshold``.
+
+    On an incoming task it reads the job's config from the job's ``custom/`` folder and refuses the job (a job
+    without a fetal-fl config too: it cannot be checked); on results, no model update of a refused job leaves.
+    Scope filters run before the job's own, so this filter sees the update before it is masked: it checks the
+    job's configuration, not the bytes (the job's masking filter refuses to send anything it did not mask).
+
+    Args:
+        min_threshold: fewest sites the job's threshold may require to unmask a round; None: any valid one.
+    """
+
+    def __init__(self, min_threshold: int | None = None) -> None:
+        if min_threshold is not None and (isinstance(min_threshold, bool) or not isinstance(min_threshold, int)
+                                          or min_threshold < 2):  # fmt: skip
+            raise ValueError(f"min_threshold must be an integer >= 2 or None, got {min_threshold!r}")
+        super().__init__(supported_data_kinds=None, data_kinds_to_filter=None)
+        self.min_threshold = min_threshold
+        self._verdicts: dict[str, str | None] = {}
+
+    def _refusal(self, fl_ctx: FLContext) -> str | None:
+        job_id = str(fl_ctx.get_job_id())
+        if job_id not in self._verdicts:
+            try:
+                from nvflare_jobs.config import load_config
+
+                path = job_config_file(fl_ctx)
+                check_secure_aggregation(None if path is None else load_config(path), min_threshold=self.min_threshold)
+                self._verdicts[job_id] = None
+                self.log_info(fl_ctx, "site privacy policy: the job uses secure aggregation")
+            except PolicyViolationError as e:
+                self._verdicts[job_id] = str(e)
+            except Exception as e:
+                self._verdicts[job_id] = f"the job's config cannot be checked ({type(e).__name__}: {e}): refused"
+        return self._verdicts[job_id]
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        refusal = self._refusal(fl_ctx)
+        if fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION) == FilterKey.IN:
+            if refusal is not None:
+                self.log_error(fl_ctx, f"site privacy policy: job {fl_ctx.get_job_id()} refused: {refusal}")
+                raise PolicyViolationError(refusal)
+            return shareable
+        return super().process(shareable, fl_ctx)
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        refusal = self._refusal(fl_ctx)
+        if refusal is not None and dxo.data_kind != DataKind.METRICS:
+            self.log_error(fl_ctx, f"site privacy policy: update NOT sent: {refusal}")
+            raise PolicyViolationError(refusal)
         return dxo
