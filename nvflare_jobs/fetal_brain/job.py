@@ -58,7 +58,7 @@ from nvflare_jobs.fetal_brain.model import FetalBrainNet, write_initial_model
 from nvflare_jobs.filters import build_class_filter, build_filter, client_dp_norm_bound
 from nvflare_jobs.guard import UpdateGuard
 from nvflare_jobs.robust_aggregation import RobustAggregator
-from nvflare_jobs.site_policy import RequireDPSGD
+from nvflare_jobs.site_policy import RequireDPSGD, RequireSecureAggregation
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class FetalBrainRecipe(FedAvgRecipe):
             clients = list(spec.sites) if spec.sites else None
             flt = build_filter(spec)
             self.add_client_output_filter(flt, tasks=list(spec.tasks), clients=clients)
-            if isinstance(flt, RequireDPSGD):  # also on the incoming task: refuse the job's plan before training
+            if isinstance(flt, (RequireDPSGD, RequireSecureAggregation)):  # also on the incoming task: refuse first
                 self.add_client_input_filter(flt, tasks=list(spec.tasks), clients=clients)
 
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any):
