@@ -79,6 +79,7 @@ class SecureAggregator(ModelAggregator):
         if self._unmasked is None:
             raise RuntimeError("secure aggregation: the round's sum was not unmasked")
         params = {k: v.astype(np.float32) for k, v in self._unmasked.items()}
+        self._audit(params)
         result = FLModel(
             params=params,
             params_type=ParamsType.DIFF,
@@ -88,6 +89,31 @@ class SecureAggregator(ModelAggregator):
         )
         self.reset_stats()
         return result
+
+    def _audit(self, params: dict[str, np.ndarray]) -> None:
+        """One line in the server's audit file (beside each masked payload's record): the unmasked aggregate."""
+        from nvflare_jobs.audit import SERVER_FILE, _workspace_root, append_record, payload_digest
+
+        root = _workspace_root(self.fl_ctx) if self.fl_ctx is not None else None
+        if root is None:
+            self.warning("secure aggregation: no workspace, the aggregate's digest is not recorded")
+            return
+        sha, size = payload_digest(params)
+        record = {
+            "job": self.fl_ctx.get_job_id(),
+            "round": self._round,
+            "task": "train",
+            "site": "(aggregate)",
+            "kind": "WEIGHT_DIFF (unmasked mean, secure aggregation)",
+            "bytes": size,
+            "sha256": sha,
+            "survivors": self._info.get("survivors"),
+            "dropped": self._info.get("dropped"),
+        }
+        try:
+            append_record(root / "audit" / SERVER_FILE, record)
+        except OSError as exc:
+            self.error(f"audit: could not record the aggregate: {exc}")
 
     def _aggregate_metrics(self) -> dict[str, Any] | None:
         helper = WeightedAggregationHelper()
