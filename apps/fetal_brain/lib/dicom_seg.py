@@ -135,6 +135,7 @@ def label_to_seg(
     seg_image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(label, (2, 1, 0)), dtype=np.uint8))
     seg_image.CopyInformation(reference)
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    frame_of_reference = sources[0].get("FrameOfReferenceUID")  # read now: pydicom-seg overwrites it in place
     writer = pydicom_seg.MultiClassWriter(
         template=template(tag=tag, algorithm=algorithm),
         inplane_cropping=False,
@@ -143,8 +144,8 @@ def label_to_seg(
     )
     dataset = writer.write(seg_image, sources)
     dataset.ContentLabel = CONTENT_LABEL
-    if "FrameOfReferenceUID" in sources[0]:  # the SEG lies in its series' frame (pydicom-seg makes a new one)
-        dataset.FrameOfReferenceUID = sources[0].FrameOfReferenceUID
+    if frame_of_reference:  # the SEG lies in its series' frame (pydicom-seg replaces it with a new UID)
+        dataset.FrameOfReferenceUID = str(frame_of_reference)
     return dataset
 
 

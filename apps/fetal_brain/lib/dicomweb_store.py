@@ -201,7 +201,7 @@ class PacsDatastore(FetalDatastore):
         uid = check_uid(image_id)
         if self._cached(uid):
             return uid
-        if uid not in self.remote_series():
+        if uid not in self.remote_series() and uid not in self.remote_series(fresh=True):  # stored just now?
             raise NotFoundError(f"image {uid!r} is not an {self.modality} series of the PACS at {self.url}")
         return uid
 
