@@ -42,17 +42,17 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:  # run as a script from anywhere
+        sys.path.insert(0, str(p))
 
+from fedavg_in_process import fedavg_rounds, pretrain, score, set_lr  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 
 from fetalseg.baseline import SiteSplit, split_site  # noqa: E402
 from fetalseg.bundle import Bundle, load_checkpoint_file  # noqa: E402
 from fetalseg.data.federation import write_federation  # noqa: E402
 from fetalseg.data.loaders import load_dataset  # noqa: E402
-from fetalseg.evaluation import evaluate_cases  # noqa: E402
-from fetalseg.metrics import nanmean  # noqa: E402
 from fetalseg.training import build_train_dataset, build_train_loader, train_epoch  # noqa: E402
 from privacy.dpsgd import NOT_COVERED, DPSGDConfig, SitePrivacyEngine  # noqa: E402
 
@@ -71,12 +71,6 @@ class Site:
     loader: Any
     loss_fn: Any
     engine: SitePrivacyEngine | None
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float | None) -> None:
-    if lr is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr)
 
 
 # Which weights a fine-tuning run trains (MONAI UNet names: the up path is every ".2." sub-module).
@@ -106,17 +100,6 @@ def _freeze(net: torch.nn.Module, which: str) -> int:
     return n
 
 
-def _average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    total = float(sum(weights))
-    out = {}
-    for key, first in states[0].items():
-        if first.is_floating_point():
-            out[key] = sum(s[key] * (w / total) for s, w in zip(states, weights, strict=True))
-        else:  # integer buffers (none in the bundle's instance-norm U-Net): keep the first site's
-            out[key] = first.clone()
-    return out
-
-
 def fedavg(
     bundle: Bundle,
     splits: list[SiteSplit],
@@ -143,7 +126,7 @@ def fedavg(
         net.load_state_dict(global_state)
         n_trainable = _freeze(net, trainable)
         optimizer = bundle.optimizer([p for p in net.parameters() if p.requires_grad])
-        _set_lr(optimizer, lr)
+        set_lr(optimizer, lr)
         loader = build_train_loader(bundle, dataset=datasets[split.site], batch_size=batch)
         loss_fn = bundle.loss()
         model: torch.nn.Module = net
@@ -157,18 +140,23 @@ def fedavg(
         sites.append(Site(split, net, model, optimizer, loader, loss_fn, engine))
     steps = [0] * len(sites)
     losses = []
-    for rnd in range(rounds):
-        states, weights = [], []
-        for i, s in enumerate(sites):
-            s.net.load_state_dict(global_state)
-            for _ in range(local_epochs):
-                stats = train_epoch(s.model, s.loader, s.optimizer, s.loss_fn)
-                steps[i] += stats.steps
-                losses.append(stats.loss)
-            states.append({k: v.detach().clone() for k, v in s.net.state_dict().items()})
-            weights.append(len(s.split.train))
-        global_state = _average(states, weights)
+
+    def local_update(i: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        s = sites[i]
+        s.net.load_state_dict(state)
+        for _ in range(local_epochs):
+            stats = train_epoch(s.model, s.loader, s.optimizer, s.loss_fn)
+            steps[i] += stats.steps
+            losses.append(stats.loss)
+        return {k: v.detach().clone() for k, v in s.net.state_dict().items()}
+
+    def log_round(rnd: int) -> None:
         log.info("round %d: mean local loss %.4f", rnd, sum(losses[-len(sites) :]) / len(sites))
+
+    weights = [len(s.split.train) for s in sites]
+    global_state = fedavg_rounds(
+        global_state, rounds=rounds, weights=weights, local_update=local_update, after_round=log_round
+    )
     global_net.load_state_dict(global_state)
     global_net.eval()
     set_determinism(seed=None)
@@ -189,27 +177,6 @@ def fedavg(
             noise_source=reports[0]["noise_source"],
         )
     return global_net, info
-
-
-def pretrain(bundle: Bundle, cases: list, *, epochs: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    """Non-private training on the public cases (the starting point of the fine-tuning runs)."""
-    set_determinism(seed=seed)
-    net = bundle.network()
-    optimizer = bundle.optimizer(net.parameters())
-    loader = build_train_loader(bundle, cases, batch_size=batch)
-    loss_fn = bundle.loss()
-    for _ in range(epochs):
-        train_epoch(net, loader, optimizer, loss_fn)
-    set_determinism(seed=None)
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def score(bundle: Bundle, net: torch.nn.Module, splits: list[SiteSplit]) -> dict[str, float]:
-    """Mean Dice (7 tissues) per site and over all held-out test cases pooled."""
-    scores = evaluate_cases(net, [c for s in splits for c in s.test], bundle=bundle, with_hd95=False)
-    out = {split.site: nanmean(c.mean_dice for c in scores if c.site == split.site) for split in splits}
-    out["all"] = nanmean(c.mean_dice for c in scores)
-    return out
 
 
 def main() -> None:

@@ -40,17 +40,17 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:  # run as a script from anywhere
+        sys.path.insert(0, str(p))
 
+from fedavg_in_process import fedavg_rounds, pretrain, score, set_lr  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 
 from fetalseg.baseline import SiteSplit, split_site  # noqa: E402
 from fetalseg.bundle import Bundle, load_checkpoint_file  # noqa: E402
 from fetalseg.data.federation import write_federation  # noqa: E402
 from fetalseg.data.loaders import load_dataset  # noqa: E402
-from fetalseg.evaluation import evaluate_cases  # noqa: E402
-from fetalseg.metrics import nanmean  # noqa: E402
 from fetalseg.subspace import gradient_basis, load_basis, save_basis, trainable_view  # noqa: E402
 from fetalseg.training import build_train_dataset, build_train_loader, train_epoch  # noqa: E402
 
@@ -75,11 +75,6 @@ def grid_for(spec: str, overrides: dict[str, list[float]]) -> list[float]:
     return overrides.get(spec) or overrides.get(family) or DEFAULT_GRID.get(spec) or DEFAULT_GRID[family]
 
 
-def _average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    total = float(sum(weights))
-    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights, strict=True)) for k in states[0]}
-
-
 def fedavg(
     bundle: Bundle,
     splits: list[SiteSplit],
@@ -102,23 +97,23 @@ def fedavg(
         net.load_state_dict(global_state)
         view = trainable_view(net, spec, basis=basis, seed=seed)
         optimizer = bundle.optimizer(view.parameters())
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr)
+        set_lr(optimizer, lr)
         loader = build_train_loader(bundle, dataset=datasets[split.site], batch_size=batch)
         sites.append((split, net, view, optimizer, loader, bundle.loss()))
     trained_keys = set(sites[0][2].names)
     losses: list[float] = []
-    for _ in range(rounds):
-        states, weights = [], []
-        for split, net, view, optimizer, loader, loss_fn in sites:
-            net.load_state_dict(global_state)
-            losses.append(train_epoch(view.module, loader, optimizer, loss_fn).loss)
-            merged = view.merge_back()  # adapter folded into the bundle keys, reset to zero
-            diff = {k: merged[k].detach() - global_state[k] for k in merged}  # what the site would send
-            assert set(diff) == trained_keys
-            states.append({k: global_state[k] + diff.get(k, 0.0) for k in global_state})
-            weights.append(len(split.train))
-        global_state = _average(states, weights)
+
+    def local_update(i: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        _, net, view, optimizer, loader, loss_fn = sites[i]
+        net.load_state_dict(state)
+        losses.append(train_epoch(view.module, loader, optimizer, loss_fn).loss)
+        merged = view.merge_back()  # adapter folded into the bundle keys, reset to zero
+        diff = {k: merged[k].detach() - state[k] for k in merged}  # what the site would send
+        assert set(diff) == trained_keys
+        return {k: state[k] + diff.get(k, 0.0) for k in state}
+
+    weights = [len(split.train) for split, *_ in sites]
+    global_state = fedavg_rounds(global_state, rounds=rounds, weights=weights, local_update=local_update)
     global_net = bundle.network()
     global_net.load_state_dict(global_state)
     global_net.eval()
@@ -129,19 +124,6 @@ def fedavg(
         "sent_keys": len(view.names),
         "final_local_loss": sum(losses[-len(sites) :]) / len(sites),
     }
-
-
-def pretrain(bundle: Bundle, cases: list, *, epochs: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    """Non-private training on the public cases (bench_privacy_utility's recipe)."""
-    set_determinism(seed=seed)
-    net = bundle.network()
-    optimizer = bundle.optimizer(net.parameters())
-    loader = build_train_loader(bundle, cases, batch_size=batch)
-    loss_fn = bundle.loss()
-    for _ in range(epochs):
-        train_epoch(net, loader, optimizer, loss_fn)
-    set_determinism(seed=None)
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 def estimate_basis(
@@ -164,14 +146,6 @@ def estimate_basis(
     record = gradient_basis(net, loss_fn, samples(), k, seed=seed, provenance=provenance)
     set_determinism(seed=None)
     return record
-
-
-def score(bundle: Bundle, net: torch.nn.Module, splits: list[SiteSplit], which: str) -> dict[str, float]:
-    cases = [c for s in splits for c in getattr(s, which)]
-    scores = evaluate_cases(net, cases, bundle=bundle, with_hd95=False)
-    out = {s.site: nanmean(c.mean_dice for c in scores if c.site == s.site) for s in splits}
-    out["all"] = nanmean(c.mean_dice for c in scores)
-    return out
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
     ProtocolError,
+    QcConfirmationRequiredError,
     RequestRejectedError,
     ServerError,
     ServerTimeoutError,
@@ -23,6 +24,7 @@ from .errors import (
 )
 from .labels import LabelSet, TissueLabel
 from .outbox import Outbox, OutboxEntry
+from .qc import QcReport
 from .segio import read_seg_nrrd, write_seg_nrrd
 from .validation import correction_problems, validate_correction
 from .volumeio import Geometry, Volume, read_volume, write_nifti
@@ -43,6 +45,8 @@ __all__ = [
     "OutboxEntry",
     "PermissionDeniedError",
     "ProtocolError",
+    "QcConfirmationRequiredError",
+    "QcReport",
     "RequestRejectedError",
     "ServerError",
     "ServerTimeoutError",

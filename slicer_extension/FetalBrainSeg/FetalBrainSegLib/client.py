@@ -38,6 +38,7 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
     ProtocolError,
+    QcConfirmationRequiredError,
     RequestRejectedError,
     ServerError,
     ServerTimeoutError,
@@ -219,6 +220,37 @@ class MonaiLabelClient:
         )
         return self._save_volume(resp, Path(dest_dir), _safe_stem(image_id) + "_auto")
 
+    def infer_with_report(
+        self, model: str, image_id: str, dest_dir: str | os.PathLike[str], params: Mapping[str, Any] | None = None
+    ) -> tuple[Path, dict[str, Any]]:
+        """``POST /infer/<model>?image=<id>&output=all``: the segmentation file (saved in ``dest_dir``) and the
+        server's result parameters (``qc``: tissue volumes checked against the normal range for the GA)."""
+        content_type, body = encode_multipart({"params": json.dumps(dict(params or {}))}, {})
+        resp = self._request(
+            "POST",
+            f"/infer/{quote(model, safe='')}",
+            query={"image": image_id, "output": "all"},
+            body=body,
+            content_type=content_type,
+            timeout_s=self.infer_timeout_s,
+            action=f"segment case '{image_id}'",
+        )
+        parts = parse_multipart(resp.headers.get("Content-Type", ""), resp.body)
+        if "image" not in parts:
+            raise ProtocolError("The server's answer to a segmentation request holds no segmentation file.")
+        try:
+            result = json.loads(parts["params"][1].decode("utf-8")) if "params" in parts else {}
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ProtocolError(f"The server's segmentation parameters are not JSON ({e}).") from e
+        filename, data = parts["image"]
+        if not data:
+            raise ProtocolError("The server sent an empty file.")
+        suffix = suffix_of(os.path.basename(filename.replace("\\", "/"))) or (
+            ".nrrd" if data[:4] == b"NRRD" else (".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii")
+        )
+        path = write_bytes_atomic(Path(dest_dir) / f"{_safe_stem(image_id)}_auto{suffix}", data)
+        return path, result if isinstance(result, dict) else {}
+
     def save_label(
         self,
         image_id: str,
@@ -372,6 +404,14 @@ class MonaiLabelClient:
                 status=status,
                 server_message=said,
             )
+        if status == 409 and "confirm_qc" in said:
+            return QcConfirmationRequiredError(
+                f"The correction of this case was not stored: its tissue volumes are far outside the normal range "
+                f"for the gestational age.{said_part} Check the segmentation; if it is right, confirm to store it.",
+                status=status,
+                server_message=said,
+                flags=[p for p in _server_problems(response) if "confirm_qc" not in p],
+            )
         if status == 404:
             return NotFoundError(
                 f"Could not {action}: not found on the server.{said_part}", status=status, server_message=said
@@ -414,6 +454,48 @@ def _server_message(response: Response) -> str:
                 parts.append(str(item))
         return "; ".join(parts)[:500]
     return str(detail)[:500] if detail is not None else text[:500]
+
+
+def _server_problems(response: Response) -> list[str]:
+    """The server's ``problems`` list (one sentence each), or []."""
+    try:
+        data = json.loads(response.body[:64000].decode("utf-8", errors="replace"))
+    except ValueError:
+        return []
+    problems = data.get("problems") if isinstance(data, dict) else None
+    return [str(p) for p in problems] if isinstance(problems, list) else []
+
+
+def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str, bytes]]:
+    """``{name: (filename, bytes)}`` of a ``multipart/form-data`` answer (MONAI Label's ``output=all``)."""
+    boundary = ""
+    for item in content_type.split(";")[1:]:
+        key, _, value = item.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not content_type.lower().startswith("multipart/") or not boundary:
+        raise ProtocolError(f"Expected a multipart answer from the server, got '{content_type or 'no type'}'.")
+    parts: dict[str, tuple[str, bytes]] = {}
+    for chunk in body.split(b"--" + boundary.encode("latin-1"))[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, sep, data = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        name = filename = ""
+        for line in head.decode("latin-1").split("\r\n"):
+            if line.lower().startswith("content-disposition:"):
+                for item in line.split(";")[1:]:
+                    key, _, value = item.strip().partition("=")
+                    if key.lower() == "name":
+                        name = value.strip('"')
+                    elif key.lower() == "filename":
+                        filename = value.strip('"')
+        if name:
+            parts[name] = (filename, data)
+    return parts
 
 
 def _reason(error: BaseException) -> str:

@@ -89,6 +89,16 @@ class NotFoundError(RequestRejectedError):
     """404: the case (or label, or model) does not exist on this server."""
 
 
+class QcConfirmationRequiredError(RequestRejectedError):
+    """409 from a label upload: the correction's tissue volumes are far outside the normal range for the case's
+    gestational age. Nothing was stored; ``flags`` says which tissues. Ask the radiologist, then submit again with
+    ``confirm_qc=True`` to have it used for fine-tuning and federated training anyway."""
+
+    def __init__(self, message: str, *, status: int, server_message: str = "", flags: Sequence[str] = ()) -> None:
+        super().__init__(message, status=status, server_message=server_message)
+        self.flags = list(flags)
+
+
 class TrainingAlreadyRunningError(RequestRejectedError):
     """429 from /train: a fine-tuning run is already in progress."""
 

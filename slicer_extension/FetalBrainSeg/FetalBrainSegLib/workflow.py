@@ -34,6 +34,7 @@ from .errors import (
 )
 from .labels import LabelSet
 from .outbox import Outbox, OutboxEntry
+from .qc import QcReport
 from .segio import write_seg_nrrd
 from .validation import grid_problems, validate_correction, value_problems
 from .volumeio import Geometry, Volume, nifti_bytes, read_geometry, read_volume, suffix_of
@@ -292,6 +293,7 @@ class AutoSegmentation:
     label: Volume
     label_path: Path
     seg_nrrd_path: Path
+    qc: QcReport | None = None  # the server's volume check at the case's gestational age (shown next to the case)
 
 
 @dataclass
@@ -303,6 +305,7 @@ class SubmitResult:
     message: str
     label_id: str | None = None
     entry: OutboxEntry | None = None
+    qc: QcReport | None = None
 
 
 @dataclass
@@ -372,6 +375,7 @@ class Workflow:
         self.model: ModelInfo | None = None
         self.case: Case | None = None
         self.auto: AutoSegmentation | None = None
+        self.ga_weeks: float | None = None  # the case's gestational age when the radiologist gave it
         self._training_state = "none"
 
     # -- connection --------------------------------------------------------------------------------------------
@@ -462,6 +466,7 @@ class Workflow:
             raise ProtocolError(f"Case '{image_id}' is not a 3D volume (shape {geometry.shape}).")
         self.case = Case(image_id, path, geometry, strategy, self._server_folder())
         self.auto = None
+        self.ga_weeks = None
         return self.case
 
     # -- segmentation --------------------------------------------------------------------------------------------
@@ -470,7 +475,8 @@ class Workflow:
         client, case, labels = self._require_client(), self._require_case(), self._require_labels()
         model = self._pick_model(self.info)
         folder = case.image_path.parent
-        path = client.infer(model, case.image_id, folder, params)
+        params = self._with_ga(params)
+        path, result = client.infer_with_report(model, case.image_id, folder, params)
         label = read_volume(path)
         problems = grid_problems(label, case.geometry) + value_problems(label.array, labels)
         if problems:
@@ -482,21 +488,37 @@ class Workflow:
         )
         stem = path.name[: len(path.name) - len(suffix_of(path))] if suffix_of(path) else path.name
         seg_path = write_seg_nrrd(folder / f"{stem}.seg.nrrd", label, labels)
-        self.auto = AutoSegmentation(label, path, seg_path)
+        self.auto = AutoSegmentation(label, path, seg_path, QcReport.from_json(result.get("qc")))
         return self.auto
 
+    def _with_ga(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``params`` with the case's GA (``ga_weeks``): the one given now is remembered for the case's submit."""
+        out = dict(params or {})
+        if out.get("ga_weeks") not in (None, ""):
+            self.ga_weeks = out["ga_weeks"]
+        elif self.ga_weeks is not None:
+            out["ga_weeks"] = self.ga_weeks
+        return out
+
     # -- corrections ---------------------------------------------------------------------------------------------
-    def submit(self, correction: Volume, params: Mapping[str, Any] | None = None) -> SubmitResult:
+    def submit(
+        self, correction: Volume, params: Mapping[str, Any] | None = None, *, confirm_qc: bool = False
+    ) -> SubmitResult:
         """Validate and send the correction as the case's ``final`` label; keep it in the outbox if sending fails.
 
         Raises :class:`CorrectionInvalidError` (local checks) or :class:`RequestRejectedError` (the server refused
-        it): nothing is queued then, the segmentation stays open for fixing. Network, server and token failures
-        return a ``queued`` result instead: the correction is on disk and "Re-send pending" delivers it.
+        it): nothing is queued then, the segmentation stays open for fixing. A correction whose tissue volumes are
+        far outside the normal range for the gestational age raises :class:`QcConfirmationRequiredError` (its
+        ``flags`` say why): ask the radiologist, then call again with ``confirm_qc=True`` to store it anyway.
+        Network, server and token failures return a ``queued`` result instead: the correction is on disk and
+        "Re-send pending" delivers it.
         """
         client, case, labels = self._require_client(), self._require_case(), self._require_labels()
         array = validate_correction(correction, case.geometry, labels)
         payload = nifti_bytes(array, case.geometry.affine)
-        send_params = {"client_id": self.client_id, "source": "FetalBrainSeg", **dict(params or {})}
+        send_params = {"client_id": self.client_id, "source": "FetalBrainSeg", **self._with_ga(params)}
+        if confirm_qc:
+            send_params["confirm_qc"] = True
         try:
             result = client.save_label(
                 case.image_id,
@@ -520,7 +542,11 @@ class Workflow:
             self.outbox.remove(stale)
         label_id = str(result.get("label", case.image_id))
         return SubmitResult(
-            STORED, case.image_id, f"Correction of case '{case.image_id}' stored on the server.", label_id
+            STORED,
+            case.image_id,
+            f"Correction of case '{case.image_id}' stored on the server.",
+            label_id,
+            qc=QcReport.from_json(result.get("qc")),
         )
 
     def pending(self) -> list[OutboxEntry]:
