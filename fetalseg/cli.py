@@ -58,7 +58,13 @@ def register(subparsers: Any) -> None:
     )
     _add_data_args(p)
     p.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint (.pt)")
-    p.add_argument("--out", type=Path, help="write metrics.json / metrics.md here")
+    p.add_argument("--out", type=Path, help="write metrics.json / metrics.md (and growth_qc.png, qc.json) here")
+    p.add_argument(
+        "--qc-plot",
+        type=Path,
+        help="draw predicted tissue volume vs gestational age against the published curve (PNG; default with "
+        "--out: <out>/growth_qc.png); see docs/quality_control.md",
+    )
     p.set_defaults(handler=_evaluate)
 
     p = subparsers.add_parser(
@@ -170,6 +176,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from fetalseg import qc
     from fetalseg.baseline import load_sites
     from fetalseg.bundle import Bundle, load_checkpoint
     from fetalseg.evaluation import evaluate_cases
@@ -180,13 +187,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     load_checkpoint(net, args.checkpoint)
     splits = load_sites(args.data, seed=args.seed)
     test = [c for s in splits for c in s.test]
-    scores = evaluate_cases(net, test, bundle=bundle, with_hd95=not args.no_hd95, progress=True)
+    for case in test:  # an absurd GA in participants.tsv is refused before any work
+        qc.parse_ga(case.ga_weeks, source=f"{case.case_id} GA")
+    points: list[qc.CasePoint] = []
+    scores = evaluate_cases(net, test, bundle=bundle, with_hd95=not args.no_hd95, progress=True, qc_points=points)
     summary = summarize(scores)
     print(format_table(summary, metric="dice"))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "metrics.json").write_text(json.dumps({"summary": summary}, indent=2, default=float))
         (args.out / "metrics.md").write_text(format_table(summary) + "\n\n" + format_table(summary, metric="hd95"))
+        checks = {
+            p.case_id: qc.assess(p.volumes_ml, p.ga_weeks, ga_source="participants.tsv" if p.ga_weeks else None)
+            for p in points
+        }
+        (args.out / "qc.json").write_text(json.dumps(checks, indent=2))
+    plot = args.qc_plot or (args.out / "growth_qc.png" if args.out else None)
+    if plot is not None:
+        qc.plot_growth(points, plot, title=f"Predicted tissue volumes vs GA ({args.checkpoint.name})")
+        flagged = sum(qc.assess(p.volumes_ml, p.ga_weeks)["flagged"] for p in points)
+        print(f"growth chart: {plot} ({flagged} of {len(points)} case(s) flagged)")
     return 0
 
 

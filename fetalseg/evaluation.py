@@ -11,6 +11,7 @@ from fetalseg.data.io import read_volume
 from fetalseg.data.loaders import Case
 from fetalseg.inference import Segmenter
 from fetalseg.metrics import CaseMetrics, score_case
+from fetalseg.qc import CasePoint, tissue_volumes_ml
 
 
 def evaluate_cases(
@@ -21,8 +22,12 @@ def evaluate_cases(
     device: str | torch.device = "cpu",
     with_hd95: bool = True,
     progress: bool = False,
+    qc_points: list[CasePoint] | None = None,
 ) -> list[CaseMetrics]:
-    """Segment each case with ``network`` and score it against its label on the label's own grid."""
+    """Segment each case with ``network`` and score it against its label on the label's own grid.
+
+    ``qc_points``, when given, receives each case's GA and predicted tissue volumes (for the growth chart of
+    :func:`fetalseg.qc.plot_growth`)."""
     from tqdm.auto import tqdm
 
     was_training = network.training
@@ -33,7 +38,10 @@ def evaluate_cases(
             if case.label is None:
                 raise ValueError(f"{case.case_id}: cannot evaluate a case without a label")
             truth = read_volume(case.label)
-            pred = segmenter.segment(case.image).label
+            seg = segmenter.segment(case.image)
+            pred = seg.label
+            if qc_points is not None:
+                qc_points.append(CasePoint(case.case_id, case.ga_weeks, tissue_volumes_ml(pred, seg.affine)))
             truth_arr = truth.array[..., 0] if truth.array.ndim == 4 else truth.array
             scores.append(
                 score_case(
