@@ -177,8 +177,10 @@ class StatisticsRequest:
                 raise StatisticsRequestError(f"statistic {s!r} is refused: {REFUSED_STATISTICS[s]}")
             if s not in ALLOWED_STATISTICS:
                 raise StatisticsRequestError(f"unknown statistic {s!r}; allowed: {list(ALLOWED_STATISTICS)}")
-        # count always (NVFlare asks for it); stddev needs the global mean, the mean needs the sum
+        # count always (NVFlare asks for it); stddev needs the global mean, the mean needs the sum (NVFlare's server
+        # computes the global mean from the sites' sums and counts)
         needed = {"count"} | set(stats) | ({"mean"} if "stddev" in stats else set())
+        needed |= {"sum"} if needed & {"mean", "stddev"} else set()
         object.__setattr__(self, "statistics", tuple(s for s in ALLOWED_STATISTICS if s in needed))
         if not self.features:
             raise StatisticsRequestError("a statistics request needs at least one feature")
@@ -520,6 +522,10 @@ class SiteStatisticsRelease:
         m = float(np.clip(float(global_mean), spec.low, spec.high))
         true = float(((self._values(feature) - m) ** 2).sum())
         return max(float(self._release("var", feature, STAGE_2, true)), 0.0)
+
+    def released_value(self, statistic: str, feature: str) -> Any:
+        """The noised value of a release already made (KeyError if it was not made)."""
+        return self._cache[(statistic, feature)]
 
     def report(self) -> dict[str, Any]:
         """What the site released and what it cost (no data: the request, σ, ε, the releases made)."""
