@@ -327,6 +327,7 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
             tag=tag,
             upload_sha256=sha,
             model=_served_model(instance),
+            qc={k: info["qc"].get(k) for k in ("ga_weeks", "ga_source", "flagged", "confirmed", "flags")},
         )
         res = instance.on_save_label(image, label_id) or {}
         res.update({"image": image, "label": label_id, "tag": tag, "qc": info["qc"]})

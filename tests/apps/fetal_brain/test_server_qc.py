@@ -148,6 +148,9 @@ def test_flagged_correction_needs_confirmation_before_it_is_used(server, qc_imag
     stored = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()
     info = stored["objects"][image]["labels"]["final"]["info"]
     assert info["qc"]["confirmed"] is True and info["confirm_qc"] is True  # the confirmation is kept with it
+    audit = [json.loads(line) for line in (server.root / "audit.jsonl").read_text().splitlines()]
+    saved = [e for e in audit if e["event"] == "label_saved" and e["image"] == image]
+    assert saved[-1]["qc"]["confirmed"] is True and saved[-1]["qc"]["flags"]  # who confirmed what, on record
 
 
 def test_small_correction_without_ga_is_stored_unflagged(server, qc_image, tmp_path):
