@@ -1,0 +1,56 @@
+"""PACS settings without a PACS: credentials never on the command line, file permissions, URL rules, ids."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from apps.fetal_brain.lib.config import AppConfig
+from apps.fetal_brain.lib.dicomweb_store import PacsDatastore, check_uid, read_credentials
+from apps.fetal_brain.lib.errors import BadRequestError, NotFoundError
+
+
+def test_password_on_the_command_line_is_refused():
+    with pytest.raises(ValueError, match="must not be passed with --conf"):
+        AppConfig.from_conf({"pacs_password": "secret"}, env={})
+    config = AppConfig.from_conf({"pacs_timeout_s": "5"}, env={"FETAL_BRAIN_PACS_PASSWORD": "s3cr3t-pw"})
+    assert config.pacs_timeout_s == 5.0 and "s3cr3t-pw" not in repr(config)
+
+
+def test_credentials_file_must_be_private(tmp_path):
+    path = tmp_path / "pacs.json"
+    path.write_text(json.dumps({"user": "u", "password": "p"}))
+    os.chmod(path, 0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        read_credentials(path, env={})
+    os.chmod(path, 0o600)
+    assert read_credentials(path, env={}) == ("u", "p")
+    assert read_credentials(None, env={"FETAL_BRAIN_PACS_USER": "a", "FETAL_BRAIN_PACS_PASSWORD": "b"}) == ("a", "b")
+    assert read_credentials(None, env={}) is None
+    with pytest.raises(ValueError, match="without FETAL_BRAIN_PACS_USER"):
+        read_credentials(None, env={"FETAL_BRAIN_PACS_PASSWORD": "b"})
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://pacs/dicom-web", "not an http"),
+        ("http://user:pw@127.0.0.1:1/dicom-web", "not in the URL"),
+        ("http://pacs.example.org/dicom-web", "plain http"),
+    ],
+)
+def test_unsafe_urls_are_refused(tmp_path, url, message):
+    with pytest.raises(ValueError, match=message):
+        PacsDatastore(url, tmp_path, credentials=("u", "p"))
+
+
+def test_ids_must_be_dicom_uids():
+    assert check_uid("1.2.840.10008.5") == "1.2.840.10008.5"
+    with pytest.raises(BadRequestError):
+        check_uid("../etc")
+    with pytest.raises(NotFoundError):
+        check_uid("case01")
+    with pytest.raises(NotFoundError):
+        check_uid("1." + "2" * 70)
