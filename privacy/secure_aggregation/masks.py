@@ -1,12 +1,16 @@
-"""Pseudo-random masks: a uint32 stream from NumPy's Philox counter-based generator keyed by 128 bits of HKDF output.
+"""Pseudo-random masks: a uint32 stream from AES-128 in counter mode (the keystream, little-endian words) keyed by
+128 bits of HKDF output.
 
-Philox's output for a given key is fixed by its specification (not by the platform or the NumPy version's default
-generator), so a pair of sites and the server derive bit-identical streams.
+AES-CTR is a standard cryptographic PRG (NumPy's Philox, also counter-based and as fast here, is a statistical
+generator, not a vetted cryptographic one), and its output is fixed by the standard, so a pair of sites and the
+server derive bit-identical streams on any platform. Each key is used for one stream only (one pair or one
+self-mask, one round), so the all-zero counter block as the starting point is safe.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from privacy.secure_aggregation.keys import derive
 
@@ -15,9 +19,9 @@ def stream(seed: bytes, length: int) -> np.ndarray:
     """``length`` uint32 values from a 16-byte ``seed``."""
     if len(seed) != 16:
         raise ValueError(f"a mask seed must be 16 bytes, got {len(seed)}")
-    gen = np.random.Philox(key=int.from_bytes(seed, "little"))
-    raw = gen.random_raw((length + 1) // 2)  # uint64 words
-    return raw.view(np.uint32)[:length].copy()
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    keystream = encryptor.update(bytes(4 * length)) + encryptor.finalize()
+    return np.frombuffer(keystream, dtype="<u4").astype(np.uint32)
 
 
 def pair_seed(shared: bytes, *, transcript: bytes, job_id: str, rnd: int) -> bytes:
