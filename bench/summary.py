@@ -464,6 +464,29 @@ def scale(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def secure_aggregation(d: dict[str, Any]) -> list[Row]:
+    """bench_secure_aggregation.py: secure aggregation ÷ plain FedAvg per round in the same run (issue 20: time ≤ 1.10×,
+    bytes per site ≤ 1.05×), and the maths' cost at the sites and the server for 3, 10 and 30 sites."""
+    name = "secure_aggregation"
+    rows = []
+    sim = d.get("simulation")
+    if sim and sim.get("time_ratio_median") is not None:
+        n = len(sim["sites"])
+        tr, br = sim["time_ratio_median"], sim["bytes_ratio_median"]
+        what = f"round wall time, secure ÷ plain FedAvg ({n} sites, same run, rounds 1+)"
+        rows.append(Row(name, what, _ratio(tr), "≤ 1.10×", _verdict(tr <= 1.10)))
+        what = f"bytes sent per site per round, secure ÷ plain ({n} sites)"
+        rows.append(Row(name, what, f"{br:.4f}×", "≤ 1.05×", _verdict(br <= 1.05)))
+    for r in d["scale"]:
+        t = {k: v * 1e3 for k, v in r["seconds"].items()}
+        what = (f"{r['sites']} sites, maths only: masking per site; server unmasking with 0 / {r['dropped']} dropped "
+                "(plain weighted sum)")  # fmt: skip
+        result = (f"{t['mask_site']:.0f} ms; {t['server_finish']:.0f} / {t['server_finish_drop']:.0f} ms "
+                  f"({t['plain_sum']:.0f} ms)")  # fmt: skip
+        rows.append(Row(name, what, result, "–", "–"))
+    return rows
+
+
 SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "infer": infer,
     "infer_feta": lambda d: infer(d, "infer_feta"),
@@ -483,6 +506,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "public_pretraining": public_pretraining,
     "subspace_capacity": subspace_capacity,
     "scale": scale,
+    "secure_aggregation": secure_aggregation,
     "poisoning": poisoning,
     "poisoning_clip": poisoning,  # the same with clip_update_norm for every method
 }
