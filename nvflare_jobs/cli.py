@@ -80,6 +80,10 @@ def register(subparsers: Any) -> None:
     )
     kit.set_defaults(handler=_kit)
 
+    from nvflare_jobs.statistics.cli import register as register_stats  # `fetal-fl fl stats ...`
+
+    register_stats(sub)
+
 
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
