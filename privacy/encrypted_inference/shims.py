@@ -93,7 +93,8 @@ def init_party(*, rank: int, rendezvous: str, timeout_s: float, world_size: int 
     os.environ.update(
         DISTRIBUTED_BACKEND="gloo", RENDEZVOUS=rendezvous, WORLD_SIZE=str(world_size), RANK=str(int(rank))
     )
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if rendezvous.startswith(("tcp://127.", "tcp://localhost:")):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo would otherwise pick the first interface
     with _init_process_group_timeout(timeout_s):
         if rank == world_size:  # the dealer: CrypTen's TTP server runs its request loop inside its constructor
             from crypten.mpc.provider.ttp_provider import TTPServer
