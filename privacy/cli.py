@@ -134,6 +134,10 @@ def register(subparsers: Any) -> None:
     q.add_argument("--json", action="store_true", help="print the norms and the recommendation as JSON")
     q.set_defaults(handler=_clip_from_public)
 
+    from privacy.encrypted_inference.cli import register as register_private_infer
+
+    register_private_infer(subparsers)  # `fetal-fl private-infer serve|segment|dealer`
+
 
 def _add_mechanism_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--sample-rate", type=float, required=True, help="Poisson sample rate q = 1 / ceil(N / batch)")
