@@ -36,6 +36,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 
+from fetalseg.site_env import ENV_PRIVACY_LEDGER, ENV_SITE_STATE, SiteDataError, site_data_dir, site_dataset_id
 from privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA
 from privacy.filters import (
     CLIENT_DP_SCOPE,
@@ -201,7 +202,11 @@ class ClientDPFilter(_FailClosedDXOFilter):
     With a site ledger (``$FETALFL_PRIVACY_LEDGER``) every noised update is charged before it leaves, under job id
     ``<job>/client_dp`` on the dataset DP-SGD charges: the cumulative ε against any change of the site's data (see
     :meth:`~privacy.filters.ClientDPConfig.epsilon_any_change`), its δ and accountant. An update that would take the
-    dataset past its budget is refused (nothing is sent).
+    dataset past its budget is refused (nothing is sent). That dataset is ``<site>/<data folder name>``, the folder
+    found by :func:`fetalseg.site_env.site_data_dir` from the site's environment (``$FETALFL_SITE_DATA``, else
+    ``$FETALFL_DATA_ROOT/<site>``) or ``data_root``: the job's ``data.root``, which the project's job hands over when
+    it builds the filter (in a site's own ``privacy.json`` set the environment instead). With a ledger and no data
+    folder the update is refused.
     """
 
     def __init__(
@@ -212,6 +217,7 @@ class ClientDPFilter(_FailClosedDXOFilter):
         adjacency: str = "replace",
         accountant: str = DEFAULT_ACCOUNTANT,
         state_path: str | None = None,
+        data_root: str | None = None,
     ) -> None:
         self.config = ClientDPConfig(
             clip_norm=clip_norm,
@@ -229,6 +235,7 @@ class ClientDPFilter(_FailClosedDXOFilter):
         self.adjacency = adjacency
         self.accountant = accountant
         self.state_path = state_path
+        self.data_root = data_root
         # an explicit state file is read now (a mismatch fails at job start); the default one needs the site and job
         self.client_accountant: ClientDPAccountant | None = (
             ClientDPAccountant(config=self.config, state_path=state_path) if state_path else None
@@ -239,7 +246,7 @@ class ClientDPFilter(_FailClosedDXOFilter):
         arrays, torch_in = _to_numpy(dxo.data)
         check_update(arrays)
         accountant = self._accountant(fl_ctx)
-        ledger = _site_ledger(fl_ctx)
+        ledger = _site_ledger(fl_ctx, self.data_root)
         if ledger is not None:  # refuse before noising if this release does not fit the dataset's budget
             charged = self.config.epsilon_any_change(accountant.rounds + 1)  # the job's ledger ε after this update
             ledger.ledger.check_budget(
@@ -288,8 +295,6 @@ class _LedgerTarget:
 
 def _site_state_path(fl_ctx: FLContext, name: str) -> Path | None:
     """Where a site keeps per-job privacy state, as the client's DP-SGD does; None outside a job."""
-    from nvflare_jobs.config import ENV_SITE_STATE
-
     job_id = fl_ctx.get_job_id()
     if not job_id:
         return None
@@ -303,28 +308,27 @@ def _site_state_path(fl_ctx: FLContext, name: str) -> Path | None:
     return Path(folder) / name
 
 
-def _site_ledger(fl_ctx: FLContext) -> _LedgerTarget | None:
+def _site_ledger(fl_ctx: FLContext, data_root: str | None) -> _LedgerTarget | None:
     """The site's ledger and the dataset the job's client charges (``<site>/<data folder name>``), if a ledger is set.
 
     Fail-closed: with a ledger set, a job whose dataset cannot be worked out raises (nothing is sent).
     """
-    from nvflare_jobs.config import ENV_PRIVACY_LEDGER, load_config, resolve_site_data
-
     path = os.environ.get(ENV_PRIVACY_LEDGER)
     if not path:
         return None
-    from nvflare_jobs.site_policy import job_config_file
     from privacy.ledger import SiteLedger
 
     site, job_id = fl_ctx.get_identity_name(), fl_ctx.get_job_id()
-    config_file = job_config_file(fl_ctx)
-    if not site or not job_id or config_file is None:
+    try:
+        if not site or not job_id:
+            raise SiteDataError(f"the site or job is unknown (site={site!r}, job={job_id!r})")
+        data_dir = site_data_dir(site, data_root)
+    except SiteDataError as exc:
         raise ValueError(
-            f"client-DP: a privacy ledger is set ({path}) but the site, job or job config is unknown "
-            f"(site={site!r}, job={job_id!r}, config={config_file}); refusing to send an uncharged update"
-        )
-    data_dir = resolve_site_data(load_config(config_file), site)
-    return _LedgerTarget(SiteLedger(path), f"{site}/{data_dir.name}", f"{job_id}/client_dp")
+            f"client-DP: a privacy ledger is set ({path}) but the dataset to charge is unknown: {exc}; "
+            "refusing to send an uncharged update"
+        ) from exc
+    return _LedgerTarget(SiteLedger(path), site_dataset_id(site, data_dir), f"{job_id}/client_dp")
 
 
 class FailClosedPercentilePrivacy(PercentilePrivacy):

@@ -52,9 +52,7 @@ def test_core_is_plain_monai_pytorch():
 
 
 def test_privacy_only_adapts_nvflare_in_its_adapter():
-    # KNOWN EXCEPTION (to remove): ClientDPFilter reads the job config and the site's env names from nvflare_jobs
-    # to find the ledger dataset it charges; the dataset id should be handed to the filter instead.
-    allow = {"privacy/nvflare_filters.py": {"nvflare", "nvflare_jobs"}}
+    allow = {"privacy/nvflare_filters.py": {"nvflare"}}
     assert _violations("privacy", {"monailabel", "nvflare", "apps", "nvflare_jobs", "fetal_fl"}, allow=allow) == []
 
 

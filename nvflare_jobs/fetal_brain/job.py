@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -234,6 +235,8 @@ class FetalBrainRecipe(FedAvgRecipe):
     def _add_privacy(self) -> None:
         for spec in self.config.filters:
             clients = list(spec.sites) if spec.sites else None
+            if spec.path == PROJECT_FILTERS["client_dp"]:  # the job's data.root: where a site's ledger dataset is
+                spec = dataclasses.replace(spec, args={"data_root": self.config.data_root, **spec.args})
             flt = build_filter(spec)
             self.add_client_output_filter(flt, tasks=list(spec.tasks), clients=clients)
             if isinstance(flt, (RequireDPSGD, RequireSecureAggregation)):  # also on the incoming task: refuse first
