@@ -37,6 +37,7 @@ from typing import Any
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
@@ -88,10 +89,11 @@ def check_dp_plan(plan: Any, *, site: str, num_rounds: int, max_epsilon: float |
         )
 
 
-def job_config_file(fl_ctx: FLContext) -> Path | None:
-    """The fetal-fl job config shipped in the running job's ``custom/`` folder at this site, if there is one."""
+def job_config_file(fl_ctx: FLContext, name: str | None = None) -> Path | None:
+    """The fetal-fl job config (or the file ``name``) shipped in the running job's ``custom/`` folder at this site."""
     from nvflare_jobs.config import CONFIG_FILE_NAME
 
+    name = name or CONFIG_FILE_NAME
     job_id = fl_ctx.get_job_id()
     workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
     if workspace is None and fl_ctx.get_engine() is not None:
@@ -99,7 +101,7 @@ def job_config_file(fl_ctx: FLContext) -> Path | None:
     if workspace is None or not job_id:
         return None
     for folder in (workspace.get_app_custom_dir(job_id), workspace.get_app_dir(job_id)):
-        candidate = Path(folder) / CONFIG_FILE_NAME
+        candidate = Path(folder) / name
         if candidate.is_file():
             return candidate
     return None
@@ -266,3 +268,81 @@ class RequireSecureAggregation(DXOFilter):
             self.log_error(fl_ctx, f"site privacy policy: update NOT sent: {refusal}")
             raise PolicyViolationError(refusal)
         return dxo
+
+
+class LimitStatistics(Filter):
+    """Site policy filter for federated statistics jobs (``statistics`` scope, as a task-data filter): a job's
+    statistics request is refused before its first task runs when its planned ε (or δ) exceeds ``max_epsilon``
+    (``max_delta``), or does not fit what the site ledger (``$FETALFL_PRIVACY_LEDGER``) has left for the dataset.
+
+    The plan is read from the job's ``custom/fedstats_config.json`` and computed with :mod:`privacy.statistics`
+    (data-independent: the same ε every site charges). A statistics job without that file is refused: this site
+    releases statistics only through the DP-accounted generator. Results pass unchanged (the generator charges the
+    ledger before they leave). Like :class:`RequireDPSGD`, it trusts the job's code to do what its config says.
+    """
+
+    def __init__(self, max_epsilon: float | None = None, max_delta: float | None = None) -> None:
+        for name, value in (("max_epsilon", max_epsilon), ("max_delta", max_delta)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+        super().__init__()
+        self.max_epsilon = max_epsilon
+        self.max_delta = max_delta
+        self._verdicts: dict[str, str | None] = {}
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION) != FilterKey.IN:
+            return shareable
+        job_id = str(fl_ctx.get_job_id())
+        if job_id not in self._verdicts:
+            self._verdicts[job_id] = self._judge(fl_ctx)
+        refusal = self._verdicts[job_id]
+        if refusal is not None:
+            self.log_error(fl_ctx, f"site privacy policy: statistics job {job_id} refused: {refusal}")
+            raise PolicyViolationError(refusal)
+        return shareable
+
+    def _judge(self, fl_ctx: FLContext) -> str | None:
+        """Why this site refuses the running statistics job (None: its plan fits)."""
+        import os
+
+        from nvflare_jobs.config import ENV_PRIVACY_LEDGER
+        from nvflare_jobs.statistics.config import CONFIG_FILE_NAME, load_stats_config
+
+        site = fl_ctx.get_identity_name()
+        path = job_config_file(fl_ctx, CONFIG_FILE_NAME)
+        if path is None:
+            return (
+                f"the job ships no {CONFIG_FILE_NAME}: this site releases statistics only through the project's "
+                "DP-accounted statistics job (LimitStatistics)"
+            )
+        try:
+            request = load_stats_config(path).request
+            eps, delta = request.planned_epsilon, request.delta
+        except Exception as e:
+            return f"the statistics request cannot be planned ({type(e).__name__}: {e}): refused"
+        if self.max_epsilon is not None and not eps <= self.max_epsilon:
+            return (
+                f"the statistics request plans epsilon={eps:.4g} at {site} ({request.describe()}), above this "
+                f"site's policy maximum max_epsilon={self.max_epsilon:.4g} (LimitStatistics): refused before any "
+                "statistic is computed; ask for fewer statistics or features, or a smaller epsilon"
+            )
+        if self.max_delta is not None and not delta <= self.max_delta:
+            return f"the statistics request's delta={delta:.3g} is above this site's max_delta={self.max_delta:.3g}"
+        ledger_path = os.environ.get(ENV_PRIVACY_LEDGER)
+        if ledger_path:
+            from nvflare_jobs.statistics.site_data import dataset_id, site_data_dir
+            from privacy.ledger import PrivacyBudgetExceeded, SiteLedger
+
+            try:
+                config = load_stats_config(path)
+                data = dataset_id(site, site_data_dir(site, config.data_root))
+                SiteLedger(ledger_path).check_budget(
+                    dataset_id=data, planned_epsilon=eps, delta=delta, job_id=str(fl_ctx.get_job_id())
+                )
+            except PrivacyBudgetExceeded as e:
+                return f"{e} (LimitStatistics)"
+            except Exception as e:
+                return f"the site ledger cannot be checked ({type(e).__name__}: {e}): refused"
+        self.log_info(fl_ctx, f"site privacy policy: statistics request fits ({request.describe()})")
+        return None
