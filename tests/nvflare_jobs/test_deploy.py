@@ -49,7 +49,9 @@ def test_demo_site_policies_define_the_documented_scopes(site: str, tmp_path: Pa
 
     policy = json.loads((SITES_DIR / site / "privacy.json").read_text())
     scopes = {s["name"]: s for s in policy["scopes"]}
-    assert set(scopes) == {"standard", "percentile", "dp_required"} and policy["default_scope"] in scopes
+    assert set(scopes) == {"standard", "percentile", "dp_required", "statistics"} and policy["default_scope"] in scopes
+    (limit,) = scopes["statistics"]["task_data_filters"]  # statistics requests checked before any task runs
+    assert limit["path"] == "nvflare_jobs.site_policy.LimitStatistics"
     paths = [f["path"] for f in scopes["dp_required"]["task_result_filters"]]
     assert paths == ["nvflare_jobs.site_policy.RequireDPSGD", "privacy.nvflare_filters.FailClosedPercentilePrivacy"]
     RequireDPSGD(**scopes["dp_required"]["task_result_filters"][0]["args"])  # the arguments are valid
