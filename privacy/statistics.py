@@ -34,6 +34,7 @@ Values are clipped before anything is summed; a value outside the range is clipp
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -71,6 +72,18 @@ MECHANISM = (
 
 class StatisticsRequestError(ValueError):
     """A statistics request that cannot be released safely (refused before anything is computed)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _sigma_for(target_epsilon: float, releases: int, delta: float, accountant: str) -> float:
+    """σ for ``releases`` Gaussian releases at a target ε (the search takes seconds with PRV: asked once per plan)."""
+    return noise_multiplier_for_epsilon(
+        target_epsilon=target_epsilon,
+        sample_rate=1.0,
+        steps=releases,
+        delta=delta,
+        accountant=accountant,  # type: ignore[arg-type]
+    )
 
 
 @dataclass(frozen=True)
@@ -204,13 +217,7 @@ class StatisticsRequest:
             sigma = float(self.noise_multiplier)
         else:
             try:
-                sigma = noise_multiplier_for_epsilon(
-                    target_epsilon=float(self.epsilon),  # type: ignore[arg-type]
-                    sample_rate=1.0,
-                    steps=self.planned_releases(),
-                    delta=self.delta,
-                    accountant=self.accountant,  # type: ignore[arg-type]
-                )
+                sigma = _sigma_for(float(self.epsilon), self.planned_releases(), float(self.delta), self.accountant)  # type: ignore[arg-type]
             except ValueError as e:
                 raise StatisticsRequestError(str(e)) from e
         object.__setattr__(self, "_sigma", sigma)

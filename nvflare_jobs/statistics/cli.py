@@ -127,13 +127,15 @@ def _run(args: argparse.Namespace) -> int:
         result_path = run_simulation(cfg, args.workspace.resolve() / "sim")
         status = "FINISHED:COMPLETED"
     else:
-        from nvflare_jobs.deploy import PocFederation, running
+        from nvflare_jobs.deploy import SITES_DIR, PocFederation, running
         from nvflare_jobs.statistics.job import export_job, find_result, site_errors
 
         env = {"FETALFL_DATA_ROOT": cfg.data_root} if cfg.data_root else {}
         if args.ledger is not None:
             env[ENV_PRIVACY_LEDGER] = str(args.ledger.resolve())
-        federation = PocFederation(args.workspace / "poc_run", sites=list(cfg.sites), env=env)
+        # the demo site policies: their 'statistics' scope checks the request (LimitStatistics) before any task
+        policies = {s: SITES_DIR / s / "privacy.json" for s in cfg.sites if (SITES_DIR / s / "privacy.json").is_file()}
+        federation = PocFederation(args.workspace / "poc_run", sites=list(cfg.sites), env=env, site_policies=policies)
         with running(federation) as fed:
             job_id = fed.submit(export_job(cfg, args.workspace / "jobs"))
             status = fed.wait(job_id)
