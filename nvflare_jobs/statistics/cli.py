@@ -115,7 +115,7 @@ def _config_for_run(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nvflare_jobs.config import ENV_PRIVACY_LEDGER
+    from fetalseg.site_env import ENV_PRIVACY_LEDGER
     from nvflare_jobs.statistics.report import format_table, load_result, plot, privacy_line
 
     cfg = _config_for_run(args)

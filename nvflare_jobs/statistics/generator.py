@@ -28,7 +28,7 @@ from typing import Any
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.statistics_spec import Bin, DataType, Feature, Histogram, HistogramType, Statistics
 
-from nvflare_jobs.config import ENV_PRIVACY_LEDGER
+from fetalseg.site_env import ENV_PRIVACY_LEDGER
 from privacy.statistics import SiteStatisticsRelease, StatisticsRequest, StatisticsRequestError
 
 log = logging.getLogger(__name__)

@@ -10,16 +10,15 @@ lives in :mod:`privacy.statistics`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from fetalseg import site_env
 from fetalseg.data.io import read_volume
 from fetalseg.data.loaders import load_dataset
-from nvflare_jobs.config import ENV_DATA_ROOT, ENV_SITE_DATA
 from privacy.statistics import PatientRecords, StatisticsRequest, StatisticsRequestError, patient_histogram
 
 log = logging.getLogger(__name__)
@@ -39,23 +38,13 @@ KNOWN_FEATURES = {
 
 
 def site_data_dir(site: str, data_root: str | None = None, *, environ: Mapping[str, str] | None = None) -> Path:
-    """The site's data folder, found as the training client finds it: ``$FETALFL_SITE_DATA``, else
-    ``<$FETALFL_DATA_ROOT or data_root>/<site>``."""
-    env = os.environ if environ is None else environ
-    if env.get(ENV_SITE_DATA):
-        return Path(env[ENV_SITE_DATA]).expanduser()
-    root = env.get(ENV_DATA_ROOT) or data_root
-    if not root:
-        raise StatisticsRequestError(
-            f"site {site!r} has no data folder: set {ENV_SITE_DATA} (the site's folder) or {ENV_DATA_ROOT} "
-            "(a folder holding <site>/), or data.root in the statistics config"
-        )
-    return Path(root).expanduser() / site
+    """The site's data folder, by the one rule every site-side part uses (:func:`fetalseg.site_env.site_data_dir`)."""
+    return site_env.site_data_dir(site, data_root, environ=environ)
 
 
 def dataset_id(site: str, data_dir: Path) -> str:
-    """The ledger's dataset id, the one the training client charges: ``<site>/<data folder name>``."""
-    return f"{site}/{Path(data_dir).name}"
+    """The ledger's dataset id, the one the training client charges (:func:`fetalseg.site_env.site_dataset_id`)."""
+    return site_env.site_dataset_id(site, data_dir)
 
 
 def orientation_index(affine: np.ndarray) -> int:

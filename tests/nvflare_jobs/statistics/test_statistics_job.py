@@ -13,7 +13,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.workspace import Workspace
 
-from nvflare_jobs.config import ENV_PRIVACY_LEDGER
+from fetalseg.site_env import ENV_PRIVACY_LEDGER
 from nvflare_jobs.site_policy import LimitStatistics, PolicyViolationError
 from nvflare_jobs.statistics.config import CONFIG_FILE_NAME, StatsJobConfig, load_stats_config
 from nvflare_jobs.statistics.job import export_job
@@ -64,7 +64,7 @@ def test_unknown_feature_and_missing_data_folder_are_clear_errors(tmp_path: Path
     d["request"]["features"] = {"head_circumference": {"range": [0, 400]}}
     with pytest.raises(StatisticsRequestError, match="unknown feature"):
         patient_records(federation / "site-1", StatsJobConfig.from_dict(d).request)
-    with pytest.raises(StatisticsRequestError, match="no data folder"):
+    with pytest.raises(ValueError, match="no data folder"):
         site_data_dir("site-1", None, environ={})
     assert site_data_dir("site-1", None, environ={"FETALFL_DATA_ROOT": "/d"}) == Path("/d/site-1")
     assert dataset_id("site-1", Path("/d/site-1")) == "site-1/site-1"  # the id training charges
