@@ -1,41 +1,46 @@
-"""Published normative growth curves of fetal brain tissue volumes, per FeTA tissue, with their sources.
+"""Published normative fetal brain volumes by gestational week, mapped to the FeTA tissues, with their sources.
 
-Why this module is so short: only numbers read in a retrievable publication are here, and for six of the seven
-FeTA tissues none could be retrieved while it was written (2026-12-03). Those tissues say ``no reference``; no
-curve is made up for them, and the synthetic phantom's growth model (:mod:`fetalseg.data.phantom`) is never used
-as a reference (it would check the generator against itself).
+Why a table and not a formula: the one source with a spread for (almost) every FeTA tissue publishes weekly means
+and standard deviations, so the check compares a volume with the row of the case's completed gestational week.
+Only numbers read in a retrievable source are here; where no published number maps to a FeTA tissue, the tissue
+says ``no reference``. The synthetic phantom's growth model (:mod:`fetalseg.data.phantom`) is never a reference
+(it would check the generator against itself).
 
-The one curve (cerebellum)
-    Liu F, Li Z-P, Liu S-W, et al. "The development of fetal cerebellum assessed by MR images."
-    Chinese Journal of Clinical Anatomy 2010; 28(2): 155. Abstract, Results:
-    https://chjcana.com/EN/abstract/abstract8431.shtml
-    "CV = 0.034 exp(FA/5.918)", cerebellar volume in cm³ (= ml) against fetal age FA in weeks, from 87 fetal
-    specimens without CNS disease, 14-40 weeks, imaged post mortem at 3.0 T; "The doubling time of CV was about
-    4.1 weeks". The abstract gives the median curve only, no spread.
-    Cross-check, in utero (not used in the maths): Scott JA et al., Cerebellum 2012; 11(3): 761-770
-    (https://pmc.ncbi.nlm.nih.gov/articles/PMC3389138) report a ~7-fold cerebellar volume increase from 20 to 31
-    weeks; the curve above gives exp(11/5.918) = 6.4-fold.
+Source
+    Ren J-Y, Zhu M, Wang G, Gui Y, Jiang F, Dong S-Z. "Quantification of Intracranial Structures Volume in Fetuses
+    Using 3-D Volumetric MRI: Normal Values at 19 to 37 Weeks' Gestation." Frontiers in Neuroscience 2022;16:886083,
+    Table 1 (mean and SD per completed gestational week, 19-37). https://doi.org/10.3389/fnins.2022.886083 --
+    188 fetuses with a normal brain appearance, 1.5 T, slice-to-volume reconstructions, manual segmentation.
+    The numbers below were read in a public transcription of that table, not in the article itself (its full text
+    could not be retrieved here): github.com/ajoshiusc/fetal-brain-growth, ``references/ren2022_weekly_mean_sd.csv``
+    at commit ee8e0407656a99b99b5a35474367751552e519ee (MIT; described there as a manual, double-checked
+    transcription with a script that compares it with the article's HTML). Check against Table 1 before clinical use.
 
-Mapping FeTA tissue -> what a publication measured (``structure``); the studies we found whose numbers we could
-not read are named so the gap can be closed from the papers themselves:
+Mapping FeTA label -> Ren et al. measure:
 
-======================  =========================================  ================================================
-FeTA tissue             published structure used                    status
-======================  =========================================  ================================================
-external CSF            —                                           no reference (Kyriakopoulou 2017 extra-cerebral
-                                                                    CSF; Jarvis 2019 extra-axial volume)
-grey matter             —                                           no reference (Kyriakopoulou 2017 cortex)
-white matter            —                                           no reference
-ventricles              —                                           no reference (Kyriakopoulou 2017 lateral
-                                                                    ventricles; Jarvis 2019 ventricular volume)
-cerebellum              cerebellum, Liu et al. 2010                 median curve, GA 14-40 weeks
-deep grey matter        —                                           no reference
-brainstem               —                                           no reference
-======================  =========================================  ================================================
+=====================  ==================================================  ======================================
+FeTA (label)           Ren et al. 2022 measure                             note
+=====================  ==================================================  ======================================
+external CSF (1)       e-CSFV, extra-cerebrospinal fluid volume
+grey matter (2)        GMV, cortical grey matter volume
+white matter (3)       no reference of its own                             in SBV with deep grey matter
+ventricles (4)         VV, lateral ventricles volume                       FeTA label 4 may hold more than the
+                                                                           lateral ventricles: expect it larger
+cerebellum (5)         CBV, cerebellum volume
+deep grey matter (6)   no reference of its own                             in SBV with white matter
+brainstem (7)          BM, brainstem volume                                boundaries may differ (spinal cord)
+labels 3 + 6           SBV, subcortical brain tissue volume
+labels 2+3+5+6+7       TBV, total brain volume
+labels 1-7             ICV, intracranial cavity volume
+=====================  ==================================================  ======================================
 
-Flag rule (ours, not the paper's): with no published spread, a volume is flagged when it is below half or above
-twice the published median for the case's gestational age, i.e. more than one doubling time (≈4.1 weeks of
-growth, the source's own figure) away from the curve. The band drawn in plots is this rule, not a centile band.
+Flag rule: z = (volume - mean) / SD with the mean and SD of the case's completed gestational week; a measure is
+flagged when |z| > 3 ("far outside"; the published mean ± 1.96 SD, the ~95 % range, is drawn too). GA outside the
+published weeks (below 19 or from 38 weeks) is reported, not compared.
+
+Cross-check (not used by the check): Liu F et al., Chinese Journal of Clinical Anatomy 2010;28(2):155
+(https://chjcana.com/EN/abstract/abstract8431.shtml) fitted CV = 0.034·exp(GA/5.918) ml to 87 post-mortem fetal
+cerebella: 3.86 ml at 28 weeks, against Ren et al.'s in-utero 5.63 ± 0.70 ml.
 """
 
 from __future__ import annotations
@@ -43,81 +48,156 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-FLAG_FACTOR = 2.0
+from fetalseg.labels import all_labels, label_ids
+
+FLAG_Z = 3.0
+BAND_Z = 1.96
 FLAG_RULE = (
-    f"flagged when the volume is below 1/{FLAG_FACTOR:g} or above {FLAG_FACTOR:g}× the published median for the "
-    "gestational age (one doubling time ≈ 4.1 weeks of growth; the sources give no spread, so this band is the "
-    "project's rule, not a published centile band)"
+    f"flagged when |z| > {FLAG_Z:g}, z = (volume - published mean) / published SD of the case's completed "
+    "gestational week (Ren et al. 2022, Table 1)"
 )
+
+_REN_CITATION = (
+    "Ren J-Y, Zhu M, Wang G, Gui Y, Jiang F, Dong S-Z. Quantification of Intracranial Structures Volume in Fetuses "
+    "Using 3-D Volumetric MRI: Normal Values at 19 to 37 Weeks' Gestation. Front Neurosci 2022;16:886083, Table 1"
+)
+_REN_URL = "https://doi.org/10.3389/fnins.2022.886083"
+_REN_TRANSCRIPTION = (
+    "read in github.com/ajoshiusc/fetal-brain-growth references/ren2022_weekly_mean_sd.csv "
+    "@ ee8e0407656a99b99b5a35474367751552e519ee (a transcription of Table 1)"
+)
+REN_FIRST_WEEK = 19
+
+# (mean ml, SD ml) per completed gestational week 19, 20, ..., 37, as in Ren et al. 2022 Table 1.
+_REN_TABLE: dict[str, tuple[tuple[float, float], ...]] = {
+    "TBV": ((29.33, 2.38), (37.63, 2.87), (47.28, 5.63), (56.08, 3.66), (64.98, 3.78), (74.98, 6.60), (83.17, 3.80),
+            (91.10, 4.04), (122.30, 10.18), (140.80, 11.65), (164.10, 11.55), (175.60, 6.09), (182.00, 8.92),
+            (197.80, 6.43), (212.10, 11.10), (236.90, 8.87), (260.30, 12.11), (294.00, 9.97), (316.90, 10.20)),
+    "ICV": ((69.55, 3.05), (76.74, 2.13), (86.40, 5.65), (109.30, 11.90), (125.70, 9.34), (141.50, 12.11),
+            (158.50, 9.53), (175.40, 9.45), (215.50, 21.33), (246.80, 15.27), (277.50, 13.94), (302.50, 15.51),
+            (304.70, 12.19), (328.80, 9.25), (344.50, 10.24), (386.60, 12.09), (426.70, 23.28), (460.00, 9.74),
+            (491.80, 11.47)),
+    "GMV": ((6.57, 0.43), (7.28, 0.48), (9.99, 1.08), (12.05, 0.68), (13.63, 0.88), (15.42, 0.97), (16.96, 0.96),
+            (18.47, 1.18), (24.31, 1.81), (29.98, 2.66), (33.44, 4.44), (39.71, 3.76), (40.95, 2.53), (45.78, 4.14),
+            (47.84, 3.68), (58.23, 3.70), (65.24, 4.23), (77.26, 5.04), (83.96, 3.20)),
+    "SBV": ((20.65, 1.98), (27.93, 2.30), (34.40, 5.11), (40.96, 2.68), (47.59, 3.72), (55.35, 5.97), (61.39, 3.93),
+            (67.15, 3.62), (91.02, 9.20), (99.43, 12.54), (120.80, 11.43), (124.90, 6.29), (129.30, 7.60),
+            (137.70, 8.89), (150.00, 9.27), (162.10, 7.39), (175.50, 7.95), (193.30, 8.88), (207.10, 10.27)),
+    "e-CSFV": ((38.15, 1.07), (37.32, 1.09), (37.60, 5.85), (50.17, 11.28), (57.23, 7.42), (63.76, 12.21),
+               (72.38, 11.33), (81.57, 8.24), (90.38, 21.36), (103.10, 10.13), (110.70, 20.53), (124.10, 18.73),
+               (119.50, 11.20), (129.60, 10.68), (128.00, 16.53), (160.40, 16.00), (164.10, 17.51), (158.50, 13.08),
+               (166.10, 15.17)),
+    "VV": ((2.08, 0.53), (1.80, 0.77), (1.53, 0.43), (3.05, 0.79), (3.29, 0.84), (2.73, 0.93), (2.97, 0.82),
+           (2.74, 0.86), (2.90, 0.92), (2.98, 0.89), (2.73, 0.85), (2.70, 0.72), (3.20, 0.95), (3.50, 1.22),
+           (4.34, 1.24), (5.11, 1.42), (5.94, 1.64), (7.51, 0.64), (8.86, 0.61)),
+    "CBV": ((1.32, 0.15), (1.54, 0.24), (1.85, 0.36), (1.84, 0.43), (2.41, 0.22), (2.64, 0.49), (3.15, 0.55),
+            (3.58, 0.70), (4.50, 0.77), (5.63, 0.70), (6.75, 0.54), (7.54, 0.76), (8.32, 1.09), (10.43, 0.99),
+            (10.49, 1.91), (12.71, 1.32), (15.14, 2.00), (17.76, 0.48), (18.83, 0.64)),
+    "BM": ((0.79, 0.14), (0.87, 0.16), (1.05, 0.23), (1.23, 0.21), (1.36, 0.24), (1.57, 0.37), (1.67, 0.34),
+           (1.90, 0.39), (2.42, 0.52), (3.14, 0.67), (3.09, 0.35), (3.49, 0.41), (3.54, 0.42), (3.79, 0.32),
+           (3.83, 0.53), (3.87, 0.30), (4.89, 0.46), (5.70, 0.76), (7.07, 0.42)),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
-class GrowthCurve:
-    """A published median volume curve ``median_ml(ga)`` for one FeTA tissue, valid on ``ga_range`` (weeks)."""
+class WeeklyReference:
+    """Published mean and SD of one measure per completed gestational week."""
 
-    tissue: str  # FeTA label name (fetalseg.labels)
-    structure: str  # what the publication measured
-    citation: str
-    url: str
-    ga_range: tuple[float, float]
-    a_ml: float  # median_ml(ga) = a_ml * exp(ga / tau_weeks)
-    tau_weeks: float
-    short: str = ""  # e.g. "Liu et al. 2010", for plot legends
+    key: str  # the publication's name of the measure, e.g. "CBV"
+    structure: str  # what it measured
+    rows: tuple[tuple[float, float], ...]  # (mean ml, SD ml) for weeks first_week, first_week + 1, ...
+    first_week: int = REN_FIRST_WEEK
+    citation: str = _REN_CITATION
+    url: str = _REN_URL
+    read_in: str = _REN_TRANSCRIPTION
+    short: str = "Ren et al. 2022"
     note: str = ""
 
-    def median_ml(self, ga_weeks: float) -> float:
-        return self.a_ml * math.exp(ga_weeks / self.tau_weeks)
-
-    def band_ml(self, ga_weeks: float) -> tuple[float, float]:
-        """(low, high) of the flag rule around the published median."""
-        median = self.median_ml(ga_weeks)
-        return median / FLAG_FACTOR, median * FLAG_FACTOR
+    @property
+    def last_week(self) -> int:
+        return self.first_week + len(self.rows) - 1
 
     def covers(self, ga_weeks: float) -> bool:
-        return self.ga_range[0] <= ga_weeks <= self.ga_range[1]
+        return self.first_week <= math.floor(ga_weeks) <= self.last_week
+
+    def mean_sd(self, ga_weeks: float) -> tuple[float, float]:
+        """(mean, SD) in ml of the completed week ``floor(ga_weeks)``; ValueError outside the published weeks."""
+        if not self.covers(ga_weeks):
+            raise ValueError(f"{self.key}: published for weeks {self.first_week}-{self.last_week}, not {ga_weeks:g}")
+        return self.rows[math.floor(ga_weeks) - self.first_week]
 
     def source(self) -> dict[str, object]:
         return {
+            "measure": self.key,
             "structure": self.structure,
             "citation": self.citation,
-            "short": self.short,
             "url": self.url,
-            "ga_range_weeks": list(self.ga_range),
-            "equation": f"median_ml = {self.a_ml:g} * exp(GA / {self.tau_weeks:g})",
+            "read_in": self.read_in,
+            "short": self.short,
+            "weeks": [self.first_week, self.last_week],
             "note": self.note,
         }
 
 
-LIU_2010_CEREBELLUM = GrowthCurve(
-    tissue="cerebellum",
-    structure="cerebellum (post-mortem fetal specimens, 3.0 T MRI)",
-    citation="Liu F, Li Z-P, Liu S-W, et al. The development of fetal cerebellum assessed by MR images. "
-    "Chinese Journal of Clinical Anatomy 2010;28(2):155 (abstract, Results)",
-    url="https://chjcana.com/EN/abstract/abstract8431.shtml",
-    ga_range=(14.0, 40.0),
-    a_ml=0.034,
-    tau_weeks=5.918,
-    short="Liu et al. 2010 (post-mortem MRI)",
-    note="median curve only (no spread published in the abstract); 'fetal age' of specimens, taken as GA in weeks; "
-    "post-mortem volumes may differ from in-utero ones",
+def _ren(key: str, structure: str, note: str = "") -> WeeklyReference:
+    return WeeklyReference(key, structure, _REN_TABLE[key], note=note)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A volume the check looks at: one FeTA tissue or a sum of them, and its published reference (or None)."""
+
+    name: str
+    display_name: str
+    labels: tuple[int, ...]  # FeTA label values whose volumes are summed
+    reference: WeeklyReference | None
+    no_reference: str = ""  # why there is none
+
+
+def _tissue(name: str, reference: WeeklyReference | None, no_reference: str = "") -> Measure:
+    """A single FeTA tissue: value and display name from the bundle's labels (:mod:`fetalseg.labels`)."""
+    lab = next(lab for lab in all_labels() if lab.name == name)
+    return Measure(name, lab.display_name, (lab.value,), reference, no_reference)
+
+
+def _sum(name: str, display_name: str, tissues: tuple[str, ...], reference: WeeklyReference) -> Measure:
+    ids = label_ids()
+    return Measure(name, display_name, tuple(ids[t] for t in tissues), reference)
+
+
+_TISSUES = ("external_csf", "grey_matter", "white_matter", "ventricles", "cerebellum", "deep_grey_matter", "brainstem")
+_IN_SBV = "published only together with the other (SBV): see 'White + deep grey matter'"
+
+# The 7 FeTA tissues (in label order), then the sums Ren et al. report.
+MEASURES: tuple[Measure, ...] = (
+    _tissue("external_csf", _ren("e-CSFV", "extra-cerebrospinal fluid volume")),
+    _tissue("grey_matter", _ren("GMV", "cortical grey matter volume")),
+    _tissue("white_matter", None, _IN_SBV),
+    _tissue(
+        "ventricles",
+        _ren("VV", "lateral ventricles volume", "FeTA's ventricles label may hold more than the lateral ventricles"),
+    ),
+    _tissue("cerebellum", _ren("CBV", "cerebellum volume")),
+    _tissue("deep_grey_matter", None, _IN_SBV),
+    _tissue("brainstem", _ren("BM", "brainstem volume", "boundaries (medulla, cord) may differ")),
+    _sum(
+        "subcortical",
+        "White + deep grey matter",
+        ("white_matter", "deep_grey_matter"),
+        _ren("SBV", "subcortical brain tissue volume"),
+    ),
+    _sum(
+        "total_brain",
+        "Total brain",
+        tuple(t for t in _TISSUES if t not in ("external_csf", "ventricles")),
+        _ren("TBV", "total brain volume"),
+    ),
+    _sum("intracranial", "Intracranial", _TISSUES, _ren("ICV", "intracranial cavity volume")),
 )
 
-CURVES: dict[str, GrowthCurve] = {LIU_2010_CEREBELLUM.tissue: LIU_2010_CEREBELLUM}
 
-# Tissues without a published curve in this module, and the publications that report a matching structure whose
-# numbers (tables, equations) could not be retrieved here. Shown to users as "no reference".
-NOT_RETRIEVED: dict[str, str] = {
-    "external_csf": "Kyriakopoulou et al. 2017 (Brain Struct Funct 222:2295, extra-cerebral CSF); Jarvis et al. 2019 "
-    "(Eur Radiol 29:3488, extra-axial volume): centile tables not retrieved",
-    "grey_matter": "Kyriakopoulou et al. 2017 (cortex): centiles not retrieved",
-    "white_matter": "no matching published curve retrieved",
-    "ventricles": "Kyriakopoulou et al. 2017 (lateral ventricles); Jarvis et al. 2019 (ventricular volume): centile "
-    "tables not retrieved",
-    "deep_grey_matter": "no matching published curve retrieved",
-    "brainstem": "no matching published curve retrieved",
-}
-
-
-def curve_for(tissue: str) -> GrowthCurve | None:
-    """The published curve of a FeTA tissue (label name), or None: no reference."""
-    return CURVES.get(tissue)
+def measure(name: str) -> Measure:
+    for m in MEASURES:
+        if m.name == name:
+            return m
+    raise KeyError(f"no measure {name!r}; known: {[m.name for m in MEASURES]}")

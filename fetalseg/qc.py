@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fetalseg.data.loaders import _participants_ga  # the FeTA BIDS participants.tsv reader (one definition)
-from fetalseg.growth import FLAG_RULE, NOT_RETRIEVED, curve_for
+from fetalseg.growth import BAND_Z, FLAG_RULE, FLAG_Z, MEASURES, Measure
 from fetalseg.labels import all_labels
 
 GA_MIN_WEEKS = 15.0
@@ -102,23 +102,28 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
 
 def tissue_volumes_ml(label: np.ndarray, affine: np.ndarray) -> dict[str, float]:
     """Volume (ml) of each FeTA tissue (labels 1..7, by name) in a label map on ``affine``'s grid."""
-    counts = np.bincount(np.asarray(label).astype(np.int64).ravel(), minlength=8)
+    label = np.asarray(label)
+    if label.dtype.kind != "u":  # bincount takes unsigned labels as they are; others are checked and cast
+        if label.size and label.min() < 0:
+            raise ValueError("label values must be 0..7")
+        label = label.astype(np.intp)
+    counts = np.bincount(label.ravel(), minlength=8)
     voxel = voxel_volume_ml(affine)
     return {lab.name: float(counts[lab.value]) * voxel for lab in all_labels() if lab.value > 0}
 
 
 @dataclass(frozen=True)
-class TissueCheck:
-    """One tissue's volume and, where a published curve covers the GA, where it falls."""
+class MeasureCheck:
+    """One measure's volume (a tissue, or a sum of tissues) and, where the publication covers the GA, its z."""
 
-    tissue: str
+    measure: str
     display_name: str
+    labels: tuple[int, ...]
     volume_ml: float
     status: str  # "ok", "low", "high", "no reference", "outside reference GA range", "no GA"
-    expected_ml: float | None = None
-    low_ml: float | None = None
-    high_ml: float | None = None
-    ratio: float | None = None
+    mean_ml: float | None = None
+    sd_ml: float | None = None
+    z: float | None = None
     source: Mapping[str, Any] | None = None
     note: str = ""
 
@@ -128,16 +133,25 @@ class TissueCheck:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "tissue": self.tissue,
+            "tissue": self.measure,
             "display_name": self.display_name,
+            "labels": list(self.labels),
             "volume_ml": round(self.volume_ml, 3),
             "status": self.status,
             "flagged": self.flagged,
         }
-        for key in ("expected_ml", "low_ml", "high_ml", "ratio"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = round(value, 3)
+        if self.mean_ml is not None and self.sd_ml is not None and self.z is not None:
+            out.update(
+                expected_ml=self.mean_ml,
+                sd_ml=self.sd_ml,
+                z=round(self.z, 2),
+                low_ml=round(max(0.0, self.mean_ml - FLAG_Z * self.sd_ml), 3),
+                high_ml=round(self.mean_ml + FLAG_Z * self.sd_ml, 3),
+                band95_ml=[
+                    round(max(0.0, self.mean_ml - BAND_Z * self.sd_ml), 3),
+                    round(self.mean_ml + BAND_Z * self.sd_ml, 3),
+                ],
+            )
         if self.source is not None:
             out["source"] = dict(self.source)
         if self.note:
@@ -145,36 +159,30 @@ class TissueCheck:
         return out
 
 
-def check_tissue(tissue: str, display_name: str, volume_ml: float, ga_weeks: float | None) -> TissueCheck:
-    curve = curve_for(tissue)
-    if curve is None:
-        return TissueCheck(tissue, display_name, volume_ml, "no reference", note=NOT_RETRIEVED.get(tissue, ""))
+def check_measure(m: Measure, volume_ml: float, ga_weeks: float | None) -> MeasureCheck:
+    """Where ``volume_ml`` of measure ``m`` falls for ``ga_weeks`` (see :data:`fetalseg.growth.FLAG_RULE`)."""
+    base = (m.name, m.display_name, m.labels, volume_ml)
+    ref = m.reference
+    if ref is None:
+        return MeasureCheck(*base, "no reference", note=m.no_reference)
     if ga_weeks is None:
-        return TissueCheck(tissue, display_name, volume_ml, "no GA", source=curve.source())
-    if not curve.covers(ga_weeks):
-        lo, hi = curve.ga_range
-        note = f"the published curve covers {lo:g}-{hi:g} weeks; GA {ga_weeks:g} is outside it"
-        return TissueCheck(
-            tissue, display_name, volume_ml, "outside reference GA range", source=curve.source(), note=note
-        )
-    expected = curve.median_ml(ga_weeks)
-    low, high = curve.band_ml(ga_weeks)
-    status = "low" if volume_ml < low else "high" if volume_ml > high else "ok"
-    return TissueCheck(
-        tissue, display_name, volume_ml, status, expected, low, high, volume_ml / expected, curve.source()
-    )
+        return MeasureCheck(*base, "no GA", source=ref.source())
+    if not ref.covers(ga_weeks):
+        note = f"published for completed weeks {ref.first_week}-{ref.last_week}; GA {ga_weeks:g} is outside them"
+        return MeasureCheck(*base, "outside reference GA range", source=ref.source(), note=note)
+    mean, sd = ref.mean_sd(ga_weeks)
+    z = (volume_ml - mean) / sd
+    status = "low" if z < -FLAG_Z else "high" if z > FLAG_Z else "ok"
+    return MeasureCheck(*base, status, mean, sd, z, ref.source(), ref.note)
 
 
 def assess(volumes_ml: Mapping[str, float], ga_weeks: float | None, *, ga_source: str | None = None) -> dict[str, Any]:
-    """The QC report (JSON-ready) of one segmentation's tissue volumes at ``ga_weeks`` (None: unknown)."""
-    checks = [
-        check_tissue(lab.name, lab.display_name, float(volumes_ml.get(lab.name, 0.0)), ga_weeks)
-        for lab in all_labels()
-        if lab.value > 0
-    ]
+    """The QC report (JSON-ready) of one segmentation's tissue volumes (by FeTA tissue name) at ``ga_weeks``."""
+    by_value = {lab.value: float(volumes_ml.get(lab.name, 0.0)) for lab in all_labels() if lab.value > 0}
+    checks = [check_measure(m, sum(by_value[v] for v in m.labels), ga_weeks) for m in MEASURES]
     flags = [
-        f"{c.display_name} {c.volume_ml:.2f} ml is {'below' if c.status == 'low' else 'above'} the normal range "
-        f"{c.low_ml:.2f}-{c.high_ml:.2f} ml for {ga_weeks:g} weeks (published median {c.expected_ml:.2f} ml)"
+        f"{c.display_name} {c.volume_ml:.2f} ml is {'below' if c.status == 'low' else 'above'} the normal range for "
+        f"{ga_weeks:g} weeks (published mean {c.mean_ml:.2f} ± {c.sd_ml:.2f} ml, z = {c.z:+.1f})"
         for c in checks
         if c.flagged
     ]
@@ -185,7 +193,7 @@ def assess(volumes_ml: Mapping[str, float], ga_weeks: float | None, *, ga_source
         "flagged": bool(flags),
         "flags": flags,
         "rule": FLAG_RULE,
-        "volumes_ml": {c.tissue: round(c.volume_ml, 3) for c in checks},
+        "volumes_ml": {lab.name: round(by_value[lab.value], 3) for lab in all_labels() if lab.value > 0},
         "tissues": [c.to_json() for c in checks],
     }
     if ga_weeks is None:
@@ -200,6 +208,36 @@ def assess_label(
     return assess(tissue_volumes_ml(label, affine), ga_weeks, ga_source=ga_source)
 
 
+def typical_volumes_ml(ga_weeks: float, *, white_fraction: float = 0.85) -> dict[str, float]:
+    """Per-tissue volumes at the published weekly means (for building test and demo cases with known volumes).
+
+    White and deep grey matter are published only as their sum (SBV); ``white_fraction`` splits it (our choice)."""
+    out = {}
+    for m in MEASURES[:7]:
+        if m.reference is not None:
+            out[m.name] = m.reference.mean_sd(ga_weeks)[0]
+    sbv = next(m for m in MEASURES if m.name == "subcortical").reference.mean_sd(ga_weeks)[0]  # type: ignore[union-attr]
+    out["white_matter"] = sbv * white_fraction
+    out["deep_grey_matter"] = sbv * (1.0 - white_fraction)
+    return out
+
+
+def label_with_volumes(volumes_ml: Mapping[str, float], shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """A label map on ``shape``/``affine`` holding each tissue's volume (to the voxel): tissues are laid out one after
+    another in voxel order. For tests that place cases inside or outside the published range on purpose."""
+    voxel = voxel_volume_ml(affine)
+    label = np.zeros(tuple(shape), np.uint8)
+    flat = label.reshape(-1)
+    start = 0
+    for lab in all_labels():
+        n = round(float(volumes_ml.get(lab.name, 0.0)) / voxel) if lab.value > 0 else 0
+        if start + n > flat.size:
+            raise ValueError(f"{sum(volumes_ml.values()):.1f} ml do not fit in {flat.size} voxels of {voxel:g} ml")
+        flat[start : start + n] = lab.value
+        start += n
+    return label
+
+
 @dataclass(frozen=True)
 class CasePoint:
     """One case on the growth chart: its GA (None: not drawn) and tissue volumes."""
@@ -210,52 +248,51 @@ class CasePoint:
 
 
 def plot_growth(points: Sequence[CasePoint], path: str | Path, *, title: str = "") -> Path:
-    """Volume vs GA per tissue: the published median and the flag band where a curve exists, each case a point
-    (red when flagged). Tissues without a published curve show their points and say "no reference". PNG."""
+    """Volume vs GA per measure: the published weekly mean, its ±1.96 SD range and the |z| ≤ 3 range where a
+    reference exists, each case a point (red when flagged). Measures without one say "no reference". PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tissues = [lab for lab in all_labels() if lab.value > 0]
     dated = [p for p in points if p.ga_weeks is not None]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), constrained_layout=True)
-    ga_lo = min([GA_MIN_WEEKS + 5, *(p.ga_weeks for p in dated)])  # type: ignore[type-var]
-    ga_hi = max([GA_MAX_WEEKS - 5, *(p.ga_weeks for p in dated)])  # type: ignore[type-var]
-    for ax, lab in zip(axes.ravel(), tissues, strict=False):
-        curve = curve_for(lab.name)
-        if curve is not None:
-            lo = max(curve.ga_range[0], ga_lo - 1)
-            hi = min(curve.ga_range[1], ga_hi + 1)
-            ga = np.linspace(lo, hi, 200)
-            median = np.array([curve.median_ml(g) for g in ga])
-            ax.fill_between(ga, median / 2, median * 2, color="0.85", label="normal range (flag rule)")
-            ax.plot(ga, median, color="0.3", label="published median")
-            ax.text(0.02, 0.98, curve.short, transform=ax.transAxes, va="top", fontsize=7)
+    ga_values = [float(p.ga_weeks) for p in dated]  # type: ignore[arg-type]
+    ga_lo, ga_hi = min([18.0, *ga_values]), max([38.0, *ga_values])
+    fig, axes = plt.subplots(3, 4, figsize=(17, 11), constrained_layout=True)
+    for ax, m in zip(axes.ravel(), MEASURES, strict=False):
+        ref = m.reference
+        if ref is not None:
+            weeks = np.arange(ref.first_week, ref.last_week + 2)  # a row holds for its whole completed week
+            mean = np.array([r[0] for r in ref.rows] + [ref.rows[-1][0]])
+            sd = np.array([r[1] for r in ref.rows] + [ref.rows[-1][1]])
+            flag_lo = np.maximum(mean - FLAG_Z * sd, 0)
+            ax.fill_between(weeks, flag_lo, mean + FLAG_Z * sd, step="post", color="0.9", label=f"|z| ≤ {FLAG_Z:g}")
+            band_lo = np.maximum(mean - BAND_Z * sd, 0)
+            ax.fill_between(weeks, band_lo, mean + BAND_Z * sd, step="post", color="0.75", label="mean ± 1.96 SD")
+            ax.step(weeks, mean, where="post", color="0.2", label=f"published mean ({ref.key})")
+            ax.text(0.02, 0.98, ref.short, transform=ax.transAxes, va="top", fontsize=7)
         else:
             ax.text(0.02, 0.98, "no reference", transform=ax.transAxes, va="top", fontsize=8, color="0.4")
-        xs = [p.ga_weeks for p in dated]
-        ys = [float(p.volumes_ml.get(lab.name, 0.0)) for p in dated]
+        ys = [sum(float(p.volumes_ml.get(n, 0.0)) for n in _names(m.labels)) for p in dated]
         colors = [
-            "tab:red" if check_tissue(lab.name, lab.display_name, y, x).flagged else "tab:blue"
-            for x, y in zip(xs, ys, strict=True)
+            "tab:red" if check_measure(m, y, x).flagged else "tab:blue" for x, y in zip(ga_values, ys, strict=True)
         ]
-        ax.scatter(xs, ys, c=colors, s=18, zorder=3, label="cases")
-        ax.set_title(lab.display_name)
+        ax.scatter(ga_values, ys, c=colors, s=18, zorder=3, label="cases")
+        ax.set_title(m.display_name)
         ax.set_xlabel("gestational age (weeks)")
         ax.set_ylabel("volume (ml)")
-        ax.set_xlim(ga_lo - 1, ga_hi + 1)
-        if curve is not None:
-            ax.legend(fontsize=7, loc="lower right")
-    last = axes.ravel()[-1]
-    last.axis("off")
+        ax.set_xlim(ga_lo - 0.5, ga_hi + 0.5)
+        if ref is not None:
+            ax.legend(fontsize=6, loc="lower right")
+    for ax in axes.ravel()[len(MEASURES) :]:
+        ax.axis("off")
     undated = len(points) - len(dated)
-    last.text(
+    axes.ravel()[-1].text(
         0.0,
-        0.9,
+        0.95,
         f"{len(dated)} case(s) drawn" + (f", {undated} without GA not drawn" if undated else "") + "\n\n"
-        "Flag rule: below ½ or above 2× the published\nmedian (no published spread available).\n"
-        "Red: flagged. See docs/quality_control.md.",
+        f"Reference: Ren et al. 2022, Front Neurosci\n16:886083, Table 1 (weekly mean, SD).\n"
+        f"Flag: |z| > {FLAG_Z:g} for the completed week. Red: flagged.\nSee docs/quality_control.md.",
         va="top",
         fontsize=9,
     )
@@ -263,6 +300,11 @@ def plot_growth(points: Sequence[CasePoint], path: str | Path, *, title: str = "
         fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _names(values: Sequence[int]) -> list[str]:
+    names = {lab.value: lab.name for lab in all_labels()}
+    return [names[v] for v in values]

@@ -404,13 +404,16 @@ class MonaiLabelClient:
                 status=status,
                 server_message=said,
             )
-        if status == 409 and "confirm_qc" in said:
+        problems = _server_problems(response) if status == 409 else []
+        if any("confirm_qc" in p for p in problems):  # the volume check; said may be cut short, problems are whole
+            flags = [p for p in problems if "confirm_qc" not in p]
+            listed = "".join(f"\n- {f}" for f in flags)
             return QcConfirmationRequiredError(
-                f"The correction of this case was not stored: its tissue volumes are far outside the normal range "
-                f"for the gestational age.{said_part} Check the segmentation; if it is right, confirm to store it.",
+                f"The correction was not stored: tissue volumes are far outside the normal range for the gestational "
+                f"age:{listed}\nCheck the segmentation; if it is right, confirm to store it anyway.",
                 status=status,
                 server_message=said,
-                flags=[p for p in _server_problems(response) if "confirm_qc" not in p],
+                flags=flags,
             )
         if status == 404:
             return NotFoundError(
@@ -459,7 +462,7 @@ def _server_message(response: Response) -> str:
 def _server_problems(response: Response) -> list[str]:
     """The server's ``problems`` list (one sentence each), or []."""
     try:
-        data = json.loads(response.body[:64000].decode("utf-8", errors="replace"))
+        data = json.loads(response.body[:256_000].decode("utf-8", errors="replace"))
     except ValueError:
         return []
     problems = data.get("problems") if isinstance(data, dict) else None

@@ -21,6 +21,7 @@ class TissueVolume:
     low_ml: float | None = None
     high_ml: float | None = None
     source: str = ""
+    z: float | None = None
 
     @property
     def flagged(self) -> bool:
@@ -58,6 +59,7 @@ class QcReport:
                     _num(t.get("low_ml")),
                     _num(t.get("high_ml")),
                     str(source.get("short") or source.get("citation") or ""),
+                    _num(t.get("z")),
                 )
             )
         ga = _num(data.get("ga_weeks"))
@@ -85,7 +87,8 @@ class QcReport:
         for t in self.tissues:
             if t.flagged:
                 verdict = "LOW" if t.status == "low" else "HIGH"
-                detail = f"{verdict}, normal {t.low_ml:.2f}-{t.high_ml:.2f} ml"
+                z = f", z = {t.z:+.1f}" if t.z is not None else ""
+                detail = f"{verdict}{z}, normal {t.low_ml:.2f}-{t.high_ml:.2f} ml"
             elif t.status == "ok":
                 detail = f"normal range {t.low_ml:.2f}-{t.high_ml:.2f} ml"
             else:

@@ -1,7 +1,7 @@
 """Gestational-age-aware QC through the real server over HTTP: flags in /infer, confirmation of flagged corrections.
 
-Corrections are label maps with a chosen cerebellum volume placed inside or outside the published curve
-(fetalseg.growth, Liu et al. 2010); the test server's volumes are 32³ at 2 mm, 0.008 ml per voxel.
+Corrections are label maps with chosen tissue volumes placed inside or outside the published range (fetalseg.growth,
+Ren et al. 2022 weekly mean ± SD); the test server's volumes are 32³ at 2 mm, 0.008 ml per voxel (262 ml).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from fetalseg.data.io import read_volume, write_nifti
-from fetalseg.growth import LIU_2010_CEREBELLUM
-from fetalseg.qc import tissue_volumes_ml
+from fetalseg.growth import measure
+from fetalseg.qc import label_with_volumes, tissue_volumes_ml, typical_volumes_ml
 from tests.apps.fetal_brain.conftest import MODEL, snapshot
 from tests.conftest import sphere_case
 
@@ -26,12 +26,9 @@ VOXEL_ML = 0.008
 GA = 28.0
 
 
-def _label_file(folder: Path, cerebellum_voxels: int, affine: np.ndarray) -> Path:
-    label = np.zeros((32, 32, 32), np.uint8)
-    label[4:28, 4:28, 4:28] = 3  # white matter block
-    label.reshape(-1)[:cerebellum_voxels] = 5
-    path = folder / f"label_{cerebellum_voxels}.nii.gz"
-    write_nifti(label, affine, path, dtype=np.uint8)
+def _label_file(folder: Path, volumes_ml: dict, affine: np.ndarray, name: str) -> Path:
+    path = folder / f"{name}.nii.gz"
+    write_nifti(label_with_volumes(volumes_ml, (32, 32, 32), affine), affine, path, dtype=np.uint8)
     return path
 
 
@@ -75,12 +72,12 @@ def test_infer_reports_volumes_and_the_check_at_the_requested_ga(server, client)
     expected = tissue_volumes_ml(returned.array.astype(int), returned.affine)
     assert qc["volumes_ml"] == pytest.approx(expected, abs=1e-3)  # the volumes of what the server returned
     cerebellum = next(t for t in qc["tissues"] if t["tissue"] == "cerebellum")
-    assert cerebellum["expected_ml"] == pytest.approx(LIU_2010_CEREBELLUM.median_ml(GA), abs=1e-3)
+    assert (cerebellum["expected_ml"], cerebellum["sd_ml"]) == measure("cerebellum").reference.mean_sd(GA)
     assert cerebellum["status"] in ("ok", "low", "high")
     assert qc["flagged"] == (cerebellum["status"] != "ok") == bool(qc["flags"])
-    assert "Liu" in cerebellum["source"]["citation"]
-    others = {t["tissue"]: t["status"] for t in qc["tissues"] if t["tissue"] != "cerebellum"}
-    assert set(others.values()) == {"no reference"}
+    assert "Ren" in cerebellum["source"]["citation"] and cerebellum["source"]["measure"] == "CBV"
+    no_reference = {t["tissue"] for t in qc["tissues"] if t["status"] == "no reference"}
+    assert no_reference == {"white_matter", "deep_grey_matter"}
 
 
 def test_infer_without_ga_says_so_and_flags_nothing(server):
@@ -116,25 +113,26 @@ def test_ga_from_participants_tsv(server):
         tsv.unlink(missing_ok=True)
 
 
-def test_correction_inside_the_curve_is_stored_with_its_check(server, qc_image, tmp_path):
+def test_correction_inside_the_published_range_is_stored_with_its_check(server, qc_image, tmp_path):
     image, affine = qc_image
-    n = round(LIU_2010_CEREBELLUM.median_ml(GA) / VOXEL_ML)  # the published median, to the voxel
-    response = _put_label(server, image, _label_file(tmp_path, n, affine), {"ga_weeks": GA})
+    volumes = typical_volumes_ml(GA)  # every tissue at the published weekly mean
+    response = _put_label(server, image, _label_file(tmp_path, volumes, affine, "normal"), {"ga_weeks": GA})
     assert response.status_code == 200, response.text
     qc = response.json()["qc"]
-    assert qc["flagged"] is False and qc["confirmed"] is False
-    assert qc["volumes_ml"]["cerebellum"] == pytest.approx(n * VOXEL_ML, abs=1e-6)
+    assert qc["flagged"] is False and qc["confirmed"] is False, qc["flags"]
+    assert qc["volumes_ml"]["cerebellum"] == pytest.approx(volumes["cerebellum"], abs=VOXEL_ML)
 
 
 def test_flagged_correction_needs_confirmation_before_it_is_used(server, qc_image, tmp_path):
     image, affine = qc_image
-    big = round(3 * LIU_2010_CEREBELLUM.median_ml(GA) / VOXEL_ML)  # 3x the published median: above the range
-    path = _label_file(tmp_path, big, affine)
+    volumes = typical_volumes_ml(GA)
+    volumes["cerebellum"] *= 3  # 3x the published mean: z ≈ +16
+    path = _label_file(tmp_path, volumes, affine, "big_cerebellum")
     before = snapshot(server.studies)
     refused = _put_label(server, image, path, {"ga_weeks": GA})
     assert refused.status_code == 409, refused.text
     body = refused.json()
-    assert any("Cerebellum" in p and "above the normal range" in p for p in body["problems"])
+    assert any(p.startswith("Cerebellum") and "above the normal range" in p for p in body["problems"])
     assert "confirm_qc" in body["detail"]
     assert snapshot(server.studies) == before  # nothing stored: not used for fine-tuning, not exported
 
@@ -155,6 +153,6 @@ def test_flagged_correction_needs_confirmation_before_it_is_used(server, qc_imag
 
 def test_small_correction_without_ga_is_stored_unflagged(server, qc_image, tmp_path):
     image, affine = qc_image
-    response = _put_label(server, image, _label_file(tmp_path, 1, affine), {})
+    response = _put_label(server, image, _label_file(tmp_path, {"cerebellum": 0.008}, affine, "tiny"), {})
     assert response.status_code == 200, response.text
     assert response.json()["qc"]["status"] == "no GA" and response.json()["qc"]["flagged"] is False

@@ -17,16 +17,17 @@ from FetalBrainSegLib.qc import QcReport
 from FetalBrainSegLib.volumeio import Volume
 from FetalBrainSegLib.workflow import STORED
 
-from fetalseg.growth import LIU_2010_CEREBELLUM
+from fetalseg.growth import measure
 
 REPORT = {
     "ga_weeks": 28.0,
     "ga_source": "request",
     "flagged": True,
-    "flags": ["Cerebellum 12.00 ml is above the normal range 1.93-7.71 ml for 28 weeks"],
+    "flags": ["Cerebellum 12.00 ml is above the normal range for 28 weeks (published mean 5.63 ± 0.70 ml, z = +9.1)"],
     "tissues": [
         {"tissue": "cerebellum", "display_name": "Cerebellum", "volume_ml": 12.0, "status": "high",
-         "expected_ml": 3.856, "low_ml": 1.928, "high_ml": 7.712, "source": {"short": "Liu et al. 2010"}},
+         "expected_ml": 5.63, "sd_ml": 0.7, "z": 9.1, "low_ml": 3.53, "high_ml": 7.73,
+         "source": {"short": "Ren et al. 2022"}},
         {"tissue": "ventricles", "display_name": "Ventricles", "volume_ml": 3.5, "status": "no reference"},
     ],
 }  # fmt: skip
@@ -37,7 +38,7 @@ def test_report_is_worded_for_the_panel():
     assert report is not None and report.flagged and report.ga_weeks == 28.0
     text = report.summary_text()
     assert "28 weeks (from request)" in text and "CHECK: Cerebellum 12.00 ml is above" in text
-    assert "Cerebellum: 12.00 ml (HIGH, normal 1.93-7.71 ml)" in text
+    assert "Cerebellum: 12.00 ml (HIGH, z = +9.1, normal 3.53-7.73 ml)" in text
     assert "Ventricles: 3.50 ml (no reference)" in text
     unknown = QcReport.from_json({"ga_weeks": None, "flagged": False, "tissues": []})
     assert unknown.summary_text().startswith("Gestational age unknown")
@@ -64,11 +65,11 @@ def test_flags_shown_with_the_case_and_flagged_correction_confirmed_before_use(s
     case = workflow.open_case(workflow.list_cases()[-1])
     auto = workflow.segment({"ga_weeks": 28})
     assert auto.qc is not None and auto.qc.ga_weeks == 28 and auto.qc.ga_source == "request"
-    assert len(auto.qc.tissues) == 7 and "28 weeks" in auto.qc.summary_text()
+    assert len(auto.qc.tissues) == 10 and "28 weeks" in auto.qc.summary_text()  # 7 tissues + 3 published sums
     assert auto.label.array.shape == case.geometry.shape  # the file still comes with the report
 
     voxel_ml = abs(np.linalg.det(case.geometry.affine[:3, :3])) / 1000.0
-    too_big = int(3 * LIU_2010_CEREBELLUM.median_ml(28) / voxel_ml) + 1  # 3x the published median
+    too_big = int(3 * measure("cerebellum").reference.mean_sd(28)[0] / voxel_ml) + 1  # 3x the published mean
     corrected = np.zeros(case.geometry.shape, np.uint8)
     corrected.reshape(-1)[:too_big] = 5
     assert corrected.sum() > 0 and (corrected == 5).sum() == too_big
