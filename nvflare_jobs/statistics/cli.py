@@ -88,6 +88,13 @@ def _config_for_run(args: argparse.Namespace) -> Any:
     from nvflare_jobs.statistics.config import load_stats_config
 
     cfg = load_stats_config(args.config)
+    # every refusal before anything is written
+    if args.no_ledger and args.poc:
+        raise ValueError("--no-ledger is for simulations only: a POC site releases statistics only with its ledger")
+    if args.ledger is not None:
+        from privacy.ledger import SiteLedger
+
+        SiteLedger(args.ledger)  # missing or corrupt: fail now rather than at every site
     args.workspace.mkdir(parents=True, exist_ok=True)
     if args.synthetic is not None:
         from fetalseg.data.federation import write_federation
@@ -104,13 +111,7 @@ def _config_for_run(args: argparse.Namespace) -> Any:
     elif cfg.data_root and not Path(cfg.data_root).is_absolute():
         cfg = cfg.with_changes(data_root=str(Path(cfg.data_root).resolve()))
     if args.no_ledger:
-        if args.poc:
-            raise ValueError("--no-ledger is for simulations only: a POC site releases statistics only with its ledger")
         cfg = cfg.with_changes(require_ledger=False)
-    if args.ledger is not None:
-        from privacy.ledger import SiteLedger
-
-        SiteLedger(args.ledger)  # fail now (missing, corrupt) rather than at every site
     return cfg
 
 
