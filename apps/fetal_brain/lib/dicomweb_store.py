@@ -39,11 +39,17 @@ import requests
 from monailabel.datastore.local import DataModel, ImageLabelModel
 
 from apps.fetal_brain.lib.datastore import FetalDatastore
-from apps.fetal_brain.lib.dicom_seg import EmptySegmentationError, label_to_seg
+from apps.fetal_brain.lib.dicom_seg import (
+    CONTENT_LABEL,
+    EmptySegmentationError,
+    label_to_seg,
+    seg_to_label,
+    series_description,
+)
 from apps.fetal_brain.lib.errors import InputError, NotFoundError
 from apps.fetal_brain.lib.ids import check_id, check_tag
 from apps.fetal_brain.lib.volumes import image_geometry, load_image, load_label_for
-from fetalseg.data.io import MAX_DICOM_FILES
+from fetalseg.data.io import MAX_DICOM_FILES, write_nifti
 from fetalseg.plumbing import file_lock
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 LIST_TTL_S = 5.0
+CONVERTED = ".nifti"  # hidden: never listed as an image
 DEFAULT_TIMEOUT_S = 30.0
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -142,6 +149,9 @@ class PacsDatastore(FetalDatastore):
         if credentials:
             session.auth = credentials
         self.client = DICOMwebClient(url=url, session=session)
+        # no retries: dicomweb-client retries ANY failure 5 times with back-off (1+2+4+8+16 s measured as 30 s for a
+        # PACS that is down); the user gets the 424 at once and retries when the PACS is back
+        self.client.set_http_retry_params(retry=False)
         self._listing: tuple[float, dict[str, dict[str, str]]] | None = None
         self._fetch_lock = threading.Lock()
         Path(cache).mkdir(parents=True, exist_ok=True)
@@ -215,7 +225,14 @@ class PacsDatastore(FetalDatastore):
         return self.root / uid
 
     def get_image_uri(self, image_id: str) -> str:
-        return str(self.image_file(image_id))
+        """A NIfTI copy of the cached series (what ``GET /datastore/image`` hands a client such as the Slicer
+        module: stock MONAI Label serves files, not folders); same voxels and grid as the series."""
+        folder = self.image_file(image_id)
+        out = self.root / CONVERTED / f"{folder.name}.nii.gz"
+        if not out.is_file():
+            vol = load_image(folder)
+            write_nifti(np.asarray(vol.array), vol.affine, out)
+        return str(out)
 
     def _fetch(self, uid: str, meta: dict[str, str]) -> None:
         """Retrieve one series (WADO-RS) into the cache: staged, checked, renamed into place."""
@@ -271,6 +288,70 @@ class PacsDatastore(FetalDatastore):
         if obj is not None:
             return dict(obj.image.info)
         return dict(self.remote_series().get(uid, {}))
+
+    # -- corrections already in the PACS -------------------------------------------------------------------------
+    def pull_corrections(self) -> list[str]:
+        """Keep locally every correction (this app's ``final`` DICOM SEG) the PACS holds for its series that this
+        cache lacks (a new cache, another workstation's save); returns their image ids. PACS down: none pulled."""
+        from pydicom.dataset import Dataset
+
+        try:
+            listed = self.remote_series(fresh=True)
+            found = self._call(
+                "listing corrections",
+                lambda: self.client.search_for_series(search_filters={"Modality": "SEG"}, get_remaining=True),
+            )
+        except PacsUnavailableError as exc:
+            log.warning("%s; fine-tuning on the corrections kept locally", exc)
+            return []
+        known = {
+            str(obj.labels["final"].info.get("pacs", {}).get("SeriesInstanceUID", ""))
+            for obj in self._datastore.objects.values()
+            if "final" in obj.labels
+        }
+        pulled = []
+        for item in found:
+            meta = Dataset.from_json(item)
+            seg_uid, study = str(meta.get("SeriesInstanceUID", "")), str(meta.get("StudyInstanceUID", ""))
+            # filtered here: Orthanc's QIDO matched no SeriesDescription holding parentheses
+            if not seg_uid or seg_uid in known or str(meta.get("SeriesDescription", "")) != series_description("final"):
+                continue
+            try:
+                pulled += self._pull_one(study, seg_uid, listed)
+            except InputError as exc:
+                log.warning("correction %s in the PACS not used: %s", seg_uid, exc)
+        return pulled
+
+    def _pull_one(self, study: str, seg_uid: str, listed: dict[str, dict[str, str]]) -> list[str]:
+        instances = self._call(f"fetching correction {seg_uid}", lambda: self.client.retrieve_series(study, seg_uid))
+        pulled = []
+        for seg in instances:
+            if str(seg.get("ContentLabel", "")) != CONTENT_LABEL:
+                continue
+            refs = [str(r.SeriesInstanceUID) for r in seg.get("ReferencedSeriesSequence", [])]
+            image_id = next((r for r in refs if r in listed), None)
+            if image_id is None:
+                continue
+            existing = self._datastore.objects.get(image_id)
+            if existing is not None and "final" in existing.labels:
+                continue  # a correction saved here wins over an older one in the PACS
+            folder = self.image_file(image_id)
+            label, affine = seg_to_label(seg, folder)
+            staged = self._staging() / f".pulled-{os.getpid()}-{time.monotonic_ns()}.nii.gz"
+            try:
+                write_nifti(label, affine, staged, dtype=np.uint8)
+                info = {"pacs": {"stored": True, "SeriesInstanceUID": seg_uid, "pulled": True}}
+                FetalDatastore.save_label(self, image_id, str(staged), "final", info)
+            finally:
+                staged.unlink(missing_ok=True)
+            pulled.append(image_id)
+            log.info("pulled correction %s of %s from the PACS", seg_uid, image_id)
+        return pulled
+
+    def final_cases(self) -> list[tuple[str, Path, Path]]:
+        """Corrected cases for fine-tuning: the ones kept here plus those only the PACS holds (pulled first)."""
+        self.pull_corrections()
+        return super().final_cases()
 
     # -- writes ---------------------------------------------------------------------------------------------------
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:

@@ -19,8 +19,9 @@ import requests
 
 from apps.fetal_brain.launcher import LocalServer, start
 from apps.fetal_brain.lib.dicom_seg import SEG_SOP_CLASS, seg_to_label, series_description
+from apps.fetal_brain.lib.dicomweb_store import PacsDatastore
 from apps.fetal_brain.orthanc import Orthanc, credentials_file
-from fetalseg.data.io import write_nifti
+from fetalseg.data.io import read_dicom_series, write_nifti
 from fetalseg.labels import foreground_labels
 from tests.apps.pacs.conftest import StoredCase, store_phantom
 
@@ -136,6 +137,27 @@ def test_round_trip_infer_seg_correct_finetune(site: Site) -> None:
     assert model["trained"] is True and model["origin"] == "local-finetune"
     remaining = requests.post(site.url("/activelearning/random"), json={}, timeout=60).json()
     assert remaining["id"] != uid  # the corrected case is labelled now
+
+
+def test_download_and_corrections_pulled_into_a_fresh_cache(site: Site, tmp_path: Path) -> None:
+    """A client (the Slicer module) downloads the image as NIfTI on the series' grid; a server with an empty cache
+    finds the correction saved above in the PACS and fine-tunes on it."""
+    corrected = [c for c in site.cases if seg_series(site.pacs, c.series_uid)]
+    assert corrected, "run after the round trip"
+    case = corrected[0]
+    answer = requests.get(site.url(f"/datastore/image?image={case.series_uid}"), timeout=120)
+    assert answer.status_code == 200, answer.text
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(answer.content))
+    np.testing.assert_allclose(image.affine, case.affine, atol=1e-3)
+    expected = read_dicom_series(case.folder).array
+    np.testing.assert_allclose(np.asarray(image.dataobj), expected, rtol=1e-6)
+
+    fresh = PacsDatastore(site.pacs.dicomweb_url, tmp_path / "cache", credentials=site.pacs.auth, timeout_s=10)
+    finals = {image_id: label for image_id, _, label in fresh.final_cases()}
+    assert set(finals) == {case.series_uid}
+    pulled = np.asarray(nib.load(str(finals[case.series_uid])).dataobj)
+    assert np.array_equal(pulled, case.label)
+    assert fresh.final_cases() and fresh.pull_corrections() == []  # pulled once
 
 
 @pytest.mark.parametrize(
