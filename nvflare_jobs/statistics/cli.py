@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,35 +118,17 @@ def _config_for_run(args: argparse.Namespace) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     from fetalseg.site_env import ENV_PRIVACY_LEDGER
+    from nvflare_jobs.statistics.job import StatisticsJobFailed
     from nvflare_jobs.statistics.report import format_table, load_result, plot, privacy_line
 
     cfg = _config_for_run(args)
     if args.ledger is not None:
         os.environ[ENV_PRIVACY_LEDGER] = str(args.ledger.resolve())
-    if args.sim:
-        from nvflare_jobs.statistics.job import run_simulation
-
-        result_path = run_simulation(cfg, args.workspace.resolve() / "sim")
-        status = "FINISHED:COMPLETED"
-    else:
-        from nvflare_jobs.deploy import SITES_DIR, PocFederation, running
-        from nvflare_jobs.statistics.job import export_job, find_result, site_errors
-
-        env = {"FETALFL_DATA_ROOT": cfg.data_root} if cfg.data_root else {}
-        if args.ledger is not None:
-            env[ENV_PRIVACY_LEDGER] = str(args.ledger.resolve())
-        # the demo site policies: their 'statistics' scope checks the request (LimitStatistics) before any task
-        policies = {s: SITES_DIR / s / "privacy.json" for s in cfg.sites if (SITES_DIR / s / "privacy.json").is_file()}
-        federation = PocFederation(args.workspace / "poc_run", sites=list(cfg.sites), env=env, site_policies=policies)
-        with running(federation) as fed:
-            job_id = fed.submit(export_job(cfg, args.workspace / "jobs"))
-            status = fed.wait(job_id)
-            downloaded = fed.download(job_id, args.workspace / "result")
-        try:
-            result_path = find_result(downloaded, cfg)
-        except FileNotFoundError:
-            reasons = site_errors(args.workspace / "poc_run")
-            raise RuntimeError(f"statistics job {job_id} ended {status} without a result; {reasons}") from None
+    try:
+        result_path, status = _run_job(args, cfg)
+    except StatisticsJobFailed as e:  # refused at the sites (over budget, policy, data): said plainly, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     result = load_result(result_path)
     plots = plot(result, cfg, args.workspace / "plots")
     print(privacy_line(cfg))
@@ -154,6 +137,32 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(json.dumps({"status": status, "result": str(result_path), "plots": [str(p) for p in plots]}, indent=2))
     return 0 if status == "FINISHED:COMPLETED" else 1
+
+
+def _run_job(args: argparse.Namespace, cfg: Any) -> tuple[Path, str]:
+    """Run the job in the simulator or on a local POC system: the result file and NVFlare's final status."""
+    from fetalseg.site_env import ENV_PRIVACY_LEDGER
+    from nvflare_jobs.statistics.job import StatisticsJobFailed, export_job, find_result, run_simulation, site_errors
+
+    if args.sim:
+        return run_simulation(cfg, args.workspace.resolve() / "sim"), "FINISHED:COMPLETED"
+    from nvflare_jobs.deploy import SITES_DIR, PocFederation, running
+
+    env = {"FETALFL_DATA_ROOT": cfg.data_root} if cfg.data_root else {}
+    if args.ledger is not None:
+        env[ENV_PRIVACY_LEDGER] = str(args.ledger.resolve())
+    # the demo site policies: their 'statistics' scope checks the request (LimitStatistics) before any task
+    policies = {s: SITES_DIR / s / "privacy.json" for s in cfg.sites if (SITES_DIR / s / "privacy.json").is_file()}
+    federation = PocFederation(args.workspace / "poc_run", sites=list(cfg.sites), env=env, site_policies=policies)
+    with running(federation) as fed:
+        job_id = fed.submit(export_job(cfg, args.workspace / "jobs"))
+        status = fed.wait(job_id)
+        downloaded = fed.download(job_id, args.workspace / "result")
+    try:
+        return find_result(downloaded, cfg), status
+    except FileNotFoundError:
+        reasons = site_errors(args.workspace / "poc_run")
+        raise StatisticsJobFailed(f"statistics job {job_id} ended {status} without a result; {reasons}") from None
 
 
 def _export(args: argparse.Namespace) -> int:

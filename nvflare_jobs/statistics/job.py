@@ -39,6 +39,10 @@ WRITER_ID = "stats_writer"
 APP_PACKAGES = ["fetalseg", "privacy", "nvflare_jobs"]  # installed at every site; never copied into custom/
 
 
+class StatisticsJobFailed(RuntimeError):  # noqa: N818 - a job outcome, named as the user reads it
+    """The statistics job ended without a result (the message carries the sites' reasons)."""
+
+
 def output_name(config: StatsJobConfig) -> str:
     return f"statistics/{config.name}.json"
 
@@ -114,34 +118,48 @@ def find_result(job_workspace: str | Path, config: StatsJobConfig) -> Path:
 
 def site_errors(job_workspace: str | Path, limit: int = 5) -> list[str]:
     """Lines of the run's logs that say why a site refused (budget, policy, request)."""
-    keys = ("PrivacyBudgetExceeded", "privacy budget exceeded", "StatisticsRequestError", "PolicyViolationError")
+    keys = (
+        "PrivacyBudgetExceeded",
+        "privacy budget exceeded",
+        "StatisticsRequestError",
+        "PolicyViolationError",
+        "DataValidationError",
+        "SiteDataError",
+        "LedgerError",
+    )
     out: list[str] = []
     for log_file in sorted(Path(job_workspace).rglob("log.txt")):
+        site = log_file.parent.name
         for line in log_file.read_text(errors="replace").splitlines():
-            if any(k in line for k in keys) and line not in out:
-                out.append(line.strip())
+            if not any(k in line for k in keys) or "Traceback" in line:
+                continue
+            message = f"{site}: {line.rsplit(' - ', 1)[-1].strip()}"  # without time stamp and NVFlare's context
+            if message not in out:
+                out.append(message)
     return out[:limit]
 
 
 def run_simulation(config: StatsJobConfig | str | Path, workspace: str | Path) -> Path:
     """Run the job in NVFlare's simulator (one client per site); return the statistics result file.
 
-    Raises RuntimeError with the sites' reasons when no result was written (e.g. a request over budget).
+    Raises :class:`StatisticsJobFailed` with the sites' reasons when no result was written (e.g. a request over budget).
     """
     from nvflare.recipe import SimEnv
 
     recipe = build_recipe(config)
     sites = list(recipe.config.sites)
     env = SimEnv(clients=sites, num_threads=len(sites), workspace_root=str(workspace))
-    recipe.run(env)
     job_ws = Path(workspace) / recipe.config.name
+    failure = ""
+    try:
+        recipe.run(env)
+    except RuntimeError as e:  # NVFlare's SimEnv: "Simulation failed with return code ..."
+        failure = str(e)
     try:
         return find_result(job_ws, recipe.config)
     except FileNotFoundError as e:
-        reasons = site_errors(job_ws)
-        raise RuntimeError(
-            "the statistics job wrote no result; " + ("; ".join(reasons) if reasons else str(e))
-        ) from None
+        reasons = site_errors(job_ws) or [failure or str(e)]
+        raise StatisticsJobFailed("the statistics job wrote no result; " + "; ".join(reasons)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

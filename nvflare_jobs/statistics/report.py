@@ -180,3 +180,30 @@ def report_section(result_path: str | Path, config: StatsJobConfig, out_dir: str
     ]
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(parts) + "\n"
+
+
+def simulate_and_report(
+    workspace: str | Path,
+    *,
+    data_root: str | Path,
+    out_dir: str | Path,
+    config: StatsJobConfig | None = None,
+    sites: list[str] | None = None,
+) -> tuple[Path, str]:
+    """Run the statistics job in NVFlare's simulator on ``data_root/<site>/`` and return (result file, Markdown
+    section with the plots written to ``out_dir``) — the one call the demo report needs.
+
+    ``config`` defaults to ``nvflare_jobs/statistics/config.json`` (ε = 2 per site); ``sites`` overrides its sites.
+    The sites charge ``$FETALFL_PRIVACY_LEDGER`` when it is set; set ``require_ledger`` false in ``config`` to run
+    without one (ε reported, not charged). Raises RuntimeError with the sites' reasons when no result was written.
+    """
+    from nvflare_jobs.statistics.config import load_stats_config
+    from nvflare_jobs.statistics.job import run_simulation
+
+    cfg = config or load_stats_config()
+    changes: dict[str, Any] = {"data_root": str(Path(data_root).resolve())}
+    if sites is not None:
+        changes["sites"] = list(sites)
+    cfg = cfg.with_changes(**changes)
+    result_path = run_simulation(cfg, workspace)
+    return result_path, report_section(result_path, cfg, out_dir)

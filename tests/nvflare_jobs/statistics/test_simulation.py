@@ -12,8 +12,7 @@ import pytest
 
 from fetalseg.site_env import ENV_PRIVACY_LEDGER
 from nvflare_jobs.statistics.config import load_stats_config
-from nvflare_jobs.statistics.job import run_simulation
-from nvflare_jobs.statistics.report import format_table, histogram_counts, load_result, report_section, value
+from nvflare_jobs.statistics.report import format_table, histogram_counts, load_result, simulate_and_report, value
 from nvflare_jobs.statistics.site_data import patient_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(400)]
@@ -26,13 +25,16 @@ def test_statistics_in_the_simulator(tmp_path: Path, federation: Path, fl_env: d
 
     base = load_stats_config()
     request = {**base.raw_request, "privacy": {"noise_multiplier": SIGMA, "delta": 1e-5, "seed": 7}}
-    cfg = base.with_changes(name="stats_test", request=request, data_root=str(federation), min_count=0, min_clients=2)
+    cfg = base.with_changes(name="stats_test", request=request, min_count=0, min_clients=2)
     planned = cfg.request.planned_epsilon
     ledger = SiteLedger.init(tmp_path / "ledger.jsonl", epsilon_budget=planned * 10, delta_budget=1e-3)
     ledger.set_budget(dataset_id="site-2/site-2", epsilon_budget=planned / 2, delta_budget=1e-3)
     monkeypatch.setenv(ENV_PRIVACY_LEDGER, str(ledger.path))
 
-    result_path = run_simulation(cfg, tmp_path / "sim")
+    # the call the demo report makes: the simulator run, then the Markdown section with its plots
+    result_path, section = simulate_and_report(
+        tmp_path / "sim", data_root=federation, config=cfg, out_dir=tmp_path / "report"
+    )
     result = load_result(result_path)
 
     # site-2 refused before computing anything, with the ledger's reason, and nothing was charged there
@@ -68,7 +70,6 @@ def test_statistics_in_the_simulator(tmp_path: Path, federation: Path, fl_env: d
     # the sites differ as the synthetic federation was built: orientation RAS at site-1, PIR at site-3
     table = format_table(result, cfg)
     assert "RAS" in table.split("site-1")[1].split("\n")[0] and "PIR" in table.split("site-3")[1].split("\n")[0]
-    section = report_section(result_path, cfg, tmp_path / "report")
     assert (
         "ε=" in section
         and "not differential privacy" in section
