@@ -22,18 +22,21 @@ import numpy as np
 import torch
 
 from fetalseg.plumbing import atomic_write_json
+from privacy.encrypted_inference.shims import PRECISION_BITS
 
 ENV_OUT = "FETAL_FL_PRIVATE_INFER_AUDIT"
 ENV_SECRET = "FETAL_FL_PRIVATE_INFER_AUDIT_SECRET"
-FIXED_POINT_SCALE = 2**16  # CrypTen's default encoder
+FIXED_POINT_SCALE = 2**PRECISION_BITS  # the encoder shims.crypten_module() configures
 SAMPLE = 200_000  # elements compared per received tensor (hits); all of them are counted in bytes
-MIN_CORRELATION_SIZE = 20_000  # below this, chance correlations of random data are too large to read
+MIN_CORRELATION_SIZE = 4_000  # below this, chance correlations of random data are too large to read
+MIN_DISTINCTIVE = 2**8  # encodings this small (|v| < 2**-12) are not compared: opened random BITS are 0 or 1
 
 
 def encode(values: np.ndarray) -> np.ndarray:
-    """CrypTen's fixed-point encoding (round(v·2**16) as int64) of the non-zero ``values``."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    return np.unique(np.round(v[v != 0] * FIXED_POINT_SCALE).astype(np.int64))
+    """CrypTen's fixed-point encoding (round(v·2**PRECISION_BITS) as int64) of the secret ``values``, without the
+    tiny ones: comparisons open masked random bits (0 or 1), which would "match" a weight of 1e-7."""
+    v = np.round(np.asarray(values, dtype=np.float64).ravel() * FIXED_POINT_SCALE).astype(np.int64)
+    return np.unique(v[np.abs(v) >= MIN_DISTINCTIVE])
 
 
 class ReceivedAudit:
@@ -47,11 +50,12 @@ class ReceivedAudit:
         self.elements_checked = 0
         self.hits = 0
         self.max_abs_correlation = 0.0
+        self.hit_examples: list[list[Any]] = []
 
-    def observe(self, tensor: Any) -> None:
+    def observe(self, tensor: Any, source: str = "") -> None:
         if isinstance(tensor, (list, tuple)):
             for t in tensor:
-                self.observe(t)
+                self.observe(t, source)
             return
         if not torch.is_tensor(tensor):
             return
@@ -63,7 +67,10 @@ class ReceivedAudit:
         values = flat.numpy()
         sample = values[:SAMPLE]
         self.elements_checked += sample.size
-        self.hits += int(np.isin(sample, self.encoded).sum())
+        hit = np.isin(sample, self.encoded)
+        if hit.any() and len(self.hit_examples) < 8:
+            self.hit_examples.append([source, list(tensor.shape), int(sample[hit][0]), int(hit.sum())])
+        self.hits += int(hit.sum())
         k = min(values.size, self.secret.size)
         if k >= MIN_CORRELATION_SIZE:
             a, b = values[:k].astype(np.float64), self.secret[:k]
@@ -78,6 +85,7 @@ class ReceivedAudit:
             "secret_values": int(self.encoded.size),
             "hits": self.hits,
             "max_abs_correlation": self.max_abs_correlation,
+            "hit_examples": self.hit_examples,
         }
 
 
@@ -93,9 +101,9 @@ def install(comm: Any, audit: ReceivedAudit) -> None:
         def wrapper(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
             result = _original(*args, **kwargs)
             if _name in ("all_gather", "gather") and isinstance(result, list):
-                audit.observe([t for i, t in enumerate(result) if i != rank and t is not None])
+                audit.observe([t for i, t in enumerate(result) if i != rank and t is not None], _name)
             else:
-                audit.observe(result)
+                audit.observe(result, _name)
             return result
 
         setattr(comm, name, wrapper)
@@ -104,7 +112,7 @@ def install(comm: Any, audit: ReceivedAudit) -> None:
     def broadcast(input: Any, src: int, *args: Any, **kwargs: Any) -> Any:
         result = original_broadcast(input, src, *args, **kwargs)
         if src != rank:
-            audit.observe(result)
+            audit.observe(result, f"broadcast from {src}")
         return result
 
     comm.broadcast = broadcast

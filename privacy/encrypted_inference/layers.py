@@ -134,8 +134,8 @@ def instance_norm(x: Any, weight: Any, bias: Any, *, scale: Any, root_scale: Any
     dims = (2, 3, 4)
     mean = x.sum(dim=dims, keepdim=True).div(n)
     xc = x - mean
-    sum_sq = xc.square().sum(dim=dims, keepdim=True)
-    scaled_var = (sum_sq * scale).div(n) + scale * eps
+    var = xc.square().sum(dim=dims, keepdim=True).div(n)  # divide first: sum·scale could near the ring's 2**63
+    scaled_var = var * scale + scale * eps
     inv_std = scaled_var.inv_sqrt() * root_scale
     if weight is not None:
         inv_std = inv_std * _channel_view(weight)

@@ -10,7 +10,7 @@ from torch import nn
 from fetalseg.bundle import Bundle
 from privacy.encrypted_inference import layers
 
-FIXED = 2.0**-16  # one unit of CrypTen's fixed point
+FIXED = 2.0**-16  # 16 fractional bits: CrypTen's default (we use 20, so these bounds are loose)
 
 
 @pytest.fixture
