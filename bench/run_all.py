@@ -56,6 +56,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                                  "--straggler-wait", "20"]),
     "poisoning": ("bench_poisoning.py", ["--sites", "4", "--rounds", "1", "--local-epochs", "1",
                                          "--methods", "mean,median"]),
+    "encrypted_inference": ("bench_encrypted_inference.py", ["--sizes", "16", "--variant", "tiny",
+                                                             "--set", "patch_size=[16,16,16]"]),
     "secure_aggregation": ("bench_secure_aggregation.py", ["--rounds", "2", "--scale-sites", "3", "10",
                                                            "--repeats", "1"]),
 }  # fmt: skip

@@ -487,6 +487,25 @@ def secure_aggregation(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def encrypted_inference(d: dict[str, Any]) -> list[Row]:
+    """bench_encrypted_inference.py (issue 21): whole volumes through the two-party protocol; goal at 64³ with
+    encrypted weights: ≥ 99.9 % voxel agreement with plaintext, ≤ 2 min and ≤ 10 GB per party. A REDUCED run (other
+    sizes or grid) shows its numbers without a verdict."""
+    rows = []
+    tag = " (REDUCED)" if d.get("reduced") else ""
+    for r in d["runs"]:
+        p = r["parties"]
+        secs = max(p[k].get("seconds", float("inf")) for k in ("data_owner", "model_owner"))
+        gb = max(v.get("crypten_bytes", float("inf")) for v in p.values()) / 1e9
+        at_goal = not d.get("reduced") and r["size"] == 64 and r["mode"] == "encrypted"
+        what = f"{r['size']}³ whole volume, {r['mode']} weights{tag}: agreement; slowest party; most traffic per party"
+        result = f"{100 * r['agreement']:.2f} %; {secs:.0f} s; {gb:.2f} GB"
+        ok = (r["agreement"] >= 0.999 and secs <= 120 and gb <= 10) if at_goal else None
+        rows.append(Row("encrypted_inference", what, result, "≥ 99.9 %; ≤ 120 s; ≤ 10 GB" if at_goal else "–",
+                        _verdict(ok)))  # fmt: skip
+    return rows
+
+
 SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "infer": infer,
     "infer_feta": lambda d: infer(d, "infer_feta"),
@@ -507,6 +526,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "subspace_capacity": subspace_capacity,
     "scale": scale,
     "secure_aggregation": secure_aggregation,
+    "encrypted_inference": encrypted_inference,
     "poisoning": poisoning,
     "poisoning_clip": poisoning,  # the same with clip_update_norm for every method
 }
