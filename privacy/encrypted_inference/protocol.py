@@ -19,6 +19,7 @@ it and nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -231,7 +232,7 @@ def _gloo_failure(exc: BaseException) -> PrivateInferenceError:
 
 
 # -- model owner ------------------------------------------------------------------------------------------------------
-def _model_owner_child(conn: Any, kwargs: dict[str, Any]) -> None:
+def _model_owner_child(conn: Any, kwargs: dict[str, Any]) -> None:  # in a _Warm process
     """Child process of one session at the model owner: report stats (or the error) through ``conn``."""
     try:
         bundle = load_bundle(kwargs.pop("variant"), kwargs.pop("overrides"))
@@ -244,6 +245,49 @@ def _model_owner_child(conn: Any, kwargs: dict[str, Any]) -> None:
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
     finally:
         conn.close()
+
+
+def _warm_worker(conn: Any, target: str) -> None:
+    """A session process started before it is needed: imports (torch, MONAI, CrypTen: seconds) are paid while the
+    party waits, not while the other party does. Receives its arguments, or None to stop."""
+    shims.crypten_module()
+    args = conn.recv()
+    if args is None:
+        conn.close()
+        return
+    {"model_owner": _model_owner_child, "dealer": _dealer_child}[target](conn, *args)
+
+
+class _Warm:
+    """One pre-started session process for ``target``; :meth:`take` hands it over and starts the next."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.ctx = mp.get_context("spawn")
+        self._start()
+
+    def _start(self) -> None:
+        self.conn, child = self.ctx.Pipe(duplex=True)
+        self.proc = self.ctx.Process(target=_warm_worker, args=(child, self.target), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def take(self, *args: Any) -> tuple[Any, Any]:
+        proc, conn = self.proc, self.conn
+        if not proc.is_alive():
+            proc.join()
+            self._start()
+            proc, conn = self.proc, self.conn
+        conn.send(args)
+        self._start()
+        return proc, conn
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 def _dealer_child(conn: Any, rendezvous: str, timeout_s: float) -> None:
@@ -343,6 +387,7 @@ class ModelOwner:
         self.host, self.port = self.listener.getsockname()[:2]
         self.dealer: socket.socket | None = None
         self.sessions = 0
+        self.warm = _Warm("model_owner")
 
     def serve_forever(self, *, max_sessions: int | None = None) -> None:
         self.log(f"model owner listening on {self.host}:{self.port} (model {self.model_hash[:12]})")
@@ -395,8 +440,6 @@ class ModelOwner:
 
     def _session(self, sock: socket.socket, shape: tuple[int, ...]) -> None:
         rendezvous = f"tcp://{self.host}:{free_port(self.host)}"
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=False)
         kwargs = dict(
             variant=self.variant,
             overrides=self.overrides,
@@ -407,9 +450,7 @@ class ModelOwner:
             state=self.state,
             norm_scales=self.norm_scales,
         )
-        proc = ctx.Process(target=_model_owner_child, args=(child, kwargs), daemon=True)
-        proc.start()
-        child.close()
+        proc, parent = self.warm.take(kwargs)
         self.sessions += 1
         try:
             assert self.dealer is not None
@@ -453,6 +494,7 @@ class ModelOwner:
             self.dealer = None
 
     def close(self) -> None:
+        self.warm.close()
         self.listener.close()
         if self.dealer is not None:
             self.dealer.close()
@@ -476,18 +518,15 @@ def run_dealer(
         raise PrivateInferenceError(f"the model owner refused the dealer: {answer['error']}")
     log(f"dealer registered with {server}")
     done = 0
-    ctx = mp.get_context("spawn")
+    warm = _Warm("dealer")
     while max_sessions is None or done < max_sessions:
         try:
             order = _recv(sock, None, "waiting for a session")
         except PrivateInferenceError:
             log("the model owner closed the connection; dealer stops")
+            warm.close()
             return 0
-        rendezvous = str(order["session"])
-        parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_dealer_child, args=(child, rendezvous, float(order.get("timeout_s", timeout_s))))
-        proc.start()
-        child.close()
+        proc, parent = warm.take(str(order["session"]), float(order.get("timeout_s", timeout_s)))
         report = parent.recv() if parent.poll(None) else None
         proc.join(timeout=timeout_s)
         if proc.is_alive():
@@ -499,6 +538,7 @@ def run_dealer(
                 atomic_write_json(Path(stats_dir) / f"session-{done}-dealer.json", report["ok"])
         else:
             log(f"session {done}: dealer failed: {report and report.get('error')}")
+    warm.close()
     return 0
 
 
