@@ -360,6 +360,12 @@ class PacsDatastore(FetalDatastore):
     def remove_image(self, image_id: str) -> None:
         raise PacsRefusedError("images live in the PACS: this app never deletes them")
 
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        raise PacsRefusedError(
+            "labels are stored in the PACS as DICOM SEG: delete the SEG series there (a label removed only here "
+            "would come back from the PACS at the next fine-tune)"
+        )
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Check the label, store it in the PACS as a DICOM SEG on its series, then keep it locally (NIfTI)."""
         folder = self.image_file(image_id)

@@ -175,10 +175,35 @@ def test_unknown_or_bad_ids_are_4xx(site: Site, image: str, status: int) -> None
     assert label.status_code == status, label.text
 
 
-def test_adding_or_deleting_pacs_images_is_refused(site: Site) -> None:
+def test_adding_or_deleting_pacs_data_is_refused(site: Site) -> None:
     uid = site.cases[0].series_uid
+    before = len(site.pacs.series())
     assert requests.delete(site.url(f"/datastore/image?id={uid}"), timeout=60).status_code == 405
-    assert len(site.pacs.series()) >= 2
+    assert requests.delete(site.url(f"/datastore/label?id={uid}&tag=final"), timeout=60).status_code == 405
+    image = write_nifti(site.cases[0].label.astype(np.float32), site.cases[0].affine, site.root / "new1.nii.gz")
+    with open(image, "rb") as fh:
+        added = requests.put(site.url("/datastore/image?image=new1"), files={"file": ("new1.nii.gz", fh)}, timeout=60)
+    assert added.status_code == 405, added.text
+    assert len(site.pacs.series()) == before
+
+
+@pytest.mark.parametrize("problem", ["grid", "values"])
+def test_bad_labels_are_refused_before_the_pacs_sees_them(site: Site, tmp_path: Path, problem: str) -> None:
+    case = site.cases[1]
+    before = len(seg_series(site.pacs, case.series_uid))
+    if problem == "grid":
+        label, affine = case.label[:-2], case.affine
+    else:
+        label, affine = np.where(case.label > 0, 9, 0).astype(np.uint8), case.affine
+    path = write_nifti(label, affine, tmp_path / "bad.nii.gz", dtype=np.uint8)
+    with open(path, "rb") as fh:
+        saved = requests.put(
+            site.url(f"/datastore/label?image={case.series_uid}&tag=final"),
+            files={"label": ("bad.nii.gz", fh)},
+            timeout=120,
+        )
+    assert saved.status_code == 422, saved.text
+    assert len(seg_series(site.pacs, case.series_uid)) == before
 
 
 def test_pacs_down_gives_424_and_changes_nothing(site: Site, tmp_path: Path) -> None:
