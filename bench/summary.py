@@ -527,6 +527,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "scale": scale,
     "secure_aggregation": secure_aggregation,
     "encrypted_inference": encrypted_inference,
+    "encrypted_inference_patch48": encrypted_inference,  # one window of the bundle's own 48³ patch (2 mm grid)
     "poisoning": poisoning,
     "poisoning_clip": poisoning,  # the same with clip_update_norm for every method
 }
