@@ -253,7 +253,11 @@ def register(subparsers: Any) -> None:
         description="Start MONAI Label with this app behind its hardened front (inputs checked, /info/ stays "
         "responsive during inference, local clients only unless --conf allow_remote true).",
     )
-    serve.add_argument("--studies", required=True, help="folder of images (NIfTI, NRRD, DICOM series folders)")
+    serve.add_argument(
+        "--studies",
+        required=True,
+        help="folder of images (NIfTI, NRRD, DICOM series folders), or a PACS's DICOMweb URL (docs/pacs.md)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--dryrun", action="store_true", help="print the equivalent MONAI Label command and exit")
@@ -303,6 +307,10 @@ def register(subparsers: Any) -> None:
     export.set_defaults(handler=cmd_export_cases)
 
     _add_user_commands(sub)
+
+    from apps.fetal_brain import pacs_demo  # the PACS round trip with a private Orthanc (docs/pacs.md)
+
+    pacs_demo.register(sub)
 
     info = sub.add_parser(
         "model-info", help="show the served model", description="Print what the server serves (JSON)."
