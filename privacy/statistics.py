@@ -86,6 +86,12 @@ def _sigma_for(target_epsilon: float, releases: int, delta: float, accountant: s
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _epsilon_for(sigma: float, releases: int, delta: float, accountant: str) -> float:
+    """ε of ``releases`` Gaussian releases at noise multiplier σ (the accountant takes a while with PRV)."""
+    return epsilon_for_history([(sigma, 1.0, releases)], delta=delta, accountant=accountant)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """One feature of the request: its public range, histogram bins and kind.
@@ -181,7 +187,6 @@ class StatisticsRequest:
     accountant: str = DEFAULT_ACCOUNTANT
     seed: int | None = None
     _sigma: float = field(default=0.0, init=False, repr=False, compare=False)
-    _eps_cache: dict[int, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         stats = tuple(dict.fromkeys(self.statistics))
@@ -312,14 +317,7 @@ class StatisticsRequest:
 
     def epsilon_through(self, stage: int) -> float:
         """ε (at ``delta``) of every release up to and including ``stage``, composed in the accountant."""
-        if stage not in self._eps_cache:  # the accountant takes a while (PRV); the plan never changes
-            k = self.planned_releases(stage)
-            self._eps_cache[stage] = epsilon_for_history(
-                [(self.sigma, 1.0, k)],
-                delta=self.delta,
-                accountant=self.accountant,  # type: ignore[arg-type]
-            )
-        return self._eps_cache[stage]
+        return _epsilon_for(self.sigma, self.planned_releases(stage), float(self.delta), self.accountant)
 
     @property
     def planned_epsilon(self) -> float:

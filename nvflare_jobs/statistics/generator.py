@@ -119,11 +119,14 @@ class FetalStatistics(Statistics):
         return max(round(self._release(dataset_name).count(feature_name)), 1)
 
     def sum(self, dataset_name: str, feature_name: str) -> float:
-        """c·n + Σ̃(x − c) with n the count NVFlare receives, so NVFlare's sum ÷ count is c + Σ̃(x − c)/n."""
+        """c·n + Σ̃(x − c) with n the count NVFlare receives (NVFlare's sum ÷ count is c + Σ̃(x − c)/n), kept in
+        [low·n, high·n]."""
         rel = self._release(dataset_name)
-        center = self.plan.feature(feature_name).center
-        centred = rel.sum(feature_name) - center * rel.count(feature_name)
-        return center * self.count(dataset_name, feature_name) + centred
+        spec = self.plan.feature(feature_name)
+        centred = rel.sum(feature_name) - spec.center * rel.count(feature_name)
+        n = self.count(dataset_name, feature_name)
+        # clipped so that every mean NVFlare forms (site and federation) stays in the public range: post-processing
+        return float(min(max(spec.center * n + centred, spec.low * n), spec.high * n))
 
     def mean(self, dataset_name: str, feature_name: str) -> float:
         return self._release(dataset_name).mean(feature_name)

@@ -17,6 +17,7 @@ budget) before the first task runs.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -116,25 +117,20 @@ def find_result(job_workspace: str | Path, config: StatsJobConfig) -> Path:
     return hits[0]
 
 
-def site_errors(job_workspace: str | Path, limit: int = 5) -> list[str]:
-    """Lines of the run's logs that say why a site refused (budget, policy, request)."""
-    keys = (
-        "PrivacyBudgetExceeded",
-        "privacy budget exceeded",
-        "StatisticsRequestError",
-        "PolicyViolationError",
-        "DataValidationError",
-        "SiteDataError",
-        "LedgerError",
-    )
+_REASON = re.compile(
+    r"\b((?:PrivacyBudgetExceeded|StatisticsRequestError|PolicyViolationError|DataValidationError|SiteDataError"
+    r"|LedgerError|LedgerNotFoundError|LedgerCorruptError): .*|site privacy policy: .*refused: .*)"
+)
+
+
+def site_errors(job_workspace: str | Path, limit: int = 6) -> list[str]:
+    """Why sites refused (budget, policy, request, data), one message per site and reason, from the run's logs."""
     out: list[str] = []
     for log_file in sorted(Path(job_workspace).rglob("log.txt")):
-        site = log_file.parent.name
         for line in log_file.read_text(errors="replace").splitlines():
-            if not any(k in line for k in keys) or "Traceback" in line:
-                continue
-            message = f"{site}: {line.rsplit(' - ', 1)[-1].strip()}"  # without time stamp and NVFlare's context
-            if message not in out:
+            match = _REASON.search(line)
+            message = f"{log_file.parent.name}: {match.group(1).strip()}" if match else ""
+            if message and message not in out:
                 out.append(message)
     return out[:limit]
 

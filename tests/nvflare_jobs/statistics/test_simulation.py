@@ -12,6 +12,7 @@ import pytest
 
 from fetalseg.site_env import ENV_PRIVACY_LEDGER
 from nvflare_jobs.statistics.config import load_stats_config
+from nvflare_jobs.statistics.job import site_errors
 from nvflare_jobs.statistics.report import format_table, histogram_counts, load_result, simulate_and_report, value
 from nvflare_jobs.statistics.site_data import patient_records
 
@@ -40,6 +41,9 @@ def test_statistics_in_the_simulator(tmp_path: Path, federation: Path, fl_env: d
     # site-2 refused before computing anything, with the ledger's reason, and nothing was charged there
     site2_log = (tmp_path / "sim" / "stats_test" / "site-2" / "log.txt").read_text()
     assert "privacy budget exceeded for dataset 'site-2/site-2'" in site2_log
+    reasons = site_errors(tmp_path / "sim" / "stats_test")  # what `fetal-fl fl stats run` prints when a job fails
+    assert any(r.startswith("site-2: PrivacyBudgetExceeded: privacy budget exceeded") for r in reasons), reasons
+    assert not any(r.startswith(("site-1", "site-3")) for r in reasons)
     ledger.reload()
     assert not [r for r in ledger.records if r.get("dataset_id") == "site-2/site-2" and r["type"] != "budget"]
     assert value(result, "voxel_size_mm", "count", "site-2") is None
