@@ -6,7 +6,9 @@ learns from a collective (openings, the dealer's corrections, revealed outputs),
 a secret it is given (the OTHER party's input, known only to a test harness): how many received ring elements equal
 a fixed-point encoding of a secret value, and the largest |Pearson correlation| between a received tensor and the
 secret. Shares and Beaver openings are uniform on 2**64, so both stay near zero; a leak of the plaintext gives
-hits and correlation 1 (``test_audit.py`` checks that the audit does flag one).
+hits and correlation 1 (``test_audit.py`` checks that the audit does flag one). The revealed result (the data
+owner's logits, via ``reduce`` to itself) is what the protocol is meant to deliver: its bytes are counted apart and
+it is not compared (logits of the weights' scale would "match" weight values by chance).
 
 Enabled only through the environment (``FETAL_FL_PRIVATE_INFER_AUDIT`` = output JSON,
 ``FETAL_FL_PRIVATE_INFER_AUDIT_SECRET`` = a ``.npy`` of the other party's secret values); off in normal use.
@@ -51,17 +53,22 @@ class ReceivedAudit:
         self.hits = 0
         self.max_abs_correlation = 0.0
         self.hit_examples: list[list[Any]] = []
+        self.revealed_bytes = 0
 
-    def observe(self, tensor: Any, source: str = "") -> None:
+    def observe(self, tensor: Any, source: str = "", *, compare: bool = True) -> None:
+        """Count ``tensor``'s bytes and, if ``compare``, check it against the secret."""
         if isinstance(tensor, (list, tuple)):
             for t in tensor:
-                self.observe(t, source)
+                self.observe(t, source, compare=compare)
             return
         if not torch.is_tensor(tensor):
             return
         flat = tensor.detach().reshape(-1).cpu()
         self.bytes += flat.numel() * flat.element_size()
         self.tensors += 1
+        if not compare:
+            self.revealed_bytes += flat.numel() * flat.element_size()
+            return
         if flat.dtype != torch.int64 or flat.numel() == 0:
             return
         values = flat.numpy()
@@ -86,6 +93,7 @@ class ReceivedAudit:
             "hits": self.hits,
             "max_abs_correlation": self.max_abs_correlation,
             "hit_examples": self.hit_examples,
+            "revealed_result_bytes": self.revealed_bytes,
         }
 
 
@@ -100,7 +108,9 @@ def install(comm: Any, audit: ReceivedAudit) -> None:
 
         def wrapper(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
             result = _original(*args, **kwargs)
-            if _name in ("all_gather", "gather") and isinstance(result, list):
+            if _name == "reduce":  # only get_plain_text(dst=me): the result this party is meant to learn
+                audit.observe(result, _name, compare=False)
+            elif _name in ("all_gather", "gather") and isinstance(result, list):
                 audit.observe([t for i, t in enumerate(result) if i != rank and t is not None], _name)
             else:
                 audit.observe(result, _name)

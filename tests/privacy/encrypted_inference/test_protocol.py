@@ -163,6 +163,7 @@ def test_encrypted_segmentation_agrees_with_plaintext_and_leaks_neither_input(ca
         assert rep["received_bytes"] > 1e6 and rep["elements_checked"] > 1e5 and rep["secret_values"] > 1000
         assert rep["hits"] <= 2, rep  # random ring elements: ~1e-9 expected; plaintext would give thousands
         assert rep["max_abs_correlation"] < 0.1, rep
+    assert rep["revealed_result_bytes"] > 0  # the data owner did receive its logits (not compared: its result)
     stats = __import__("json").loads((tmp / "stats.json").read_text())
     assert stats["encrypted_weights"] is True and stats["windows"] == 1 and stats["crypten_bytes"] > 0
 
