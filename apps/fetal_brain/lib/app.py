@@ -209,6 +209,13 @@ class FetalBrainApp(MONAILabelApp):
 
     def prefetch(self, image_id: str) -> bool:
         """Pre-process datastore image ``image_id`` in the background (after it is handed out or uploaded)."""
+        if hasattr(self.datastore(), "check_image"):  # a PACS: fetching the series is network work, so the caller
+            # (the event loop) only starts a thread; the fetch and the pre-processing run there
+            threading.Thread(target=self._prefetch_now, args=(image_id,), name="pacs-prefetch", daemon=True).start()
+            return True
+        return self._prefetch_now(image_id)
+
+    def _prefetch_now(self, image_id: str) -> bool:
         try:
             path = self.datastore().image_file(image_id)
         except Exception:  # an unknown id is the caller's 404, not a prefetch's concern
