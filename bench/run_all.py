@@ -60,6 +60,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                                                              "--set", "patch_size=[16,16,16]"]),
     "secure_aggregation": ("bench_secure_aggregation.py", ["--rounds", "2", "--scale-sites", "3", "10",
                                                            "--repeats", "1"]),
+    "fedstats": ("bench_fedstats.py", ["--eps", "2", "--cases", "8", "--seeds", "20"]),
 }  # fmt: skip
 
 
