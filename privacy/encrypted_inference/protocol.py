@@ -224,7 +224,8 @@ def _run_session(
             audit_mod.write(audited[0], audited[1], role=result.role)
         return logits, result
     finally:
-        cr.uninit()
+        with contextlib.suppress(Exception):  # after a peer failure: the failure is what the caller must see
+            cr.uninit()
 
 
 def _gloo_failure(exc: BaseException) -> PrivateInferenceError:

@@ -64,6 +64,15 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _segment_here(image: Path, port: int, out: Path, capsys, extra: list[str] = ()) -> tuple[int, str]:
+    """The data owner's command in this process (no start-up cost): exit code and stderr."""
+    from privacy.encrypted_inference.__main__ import main
+
+    code = main(["segment", str(image), "--server", f"127.0.0.1:{port}", "--out", str(out), "--timeout", str(TIMEOUT),
+                 *OVERRIDES, *extra])  # fmt: skip
+    return code, capsys.readouterr().err
+
+
 def _segment(
     image: Path, port: int, out: Path, env: dict | None = None, extra: list[str] = ()
 ) -> subprocess.CompletedProcess:
@@ -132,7 +141,7 @@ def server(case):
         _wait_for(tmp / "serve.log", "listening", serve)
         dealer = _start(["dealer", "--server", f"127.0.0.1:{port}", "--timeout", str(TIMEOUT)], tmp / "dealer.log")
         _wait_for(tmp / "serve.log", "dealer connected", serve)
-        yield port
+        yield port, serve, tmp / "serve.log"
     finally:
         for p in (dealer, serve):
             if p is not None:
@@ -143,7 +152,7 @@ def test_encrypted_segmentation_agrees_with_plaintext_and_leaks_neither_input(ca
     tmp, bundle, image = case
     out = tmp / "out" / "seg.nii.gz"
     env = {audit.ENV_OUT: str(tmp / "audit_data_owner.json"), audit.ENV_SECRET: str(tmp / "weights_secret.npy")}
-    done = _segment(image, server, out, env, ["--stats-json", str(tmp / "stats.json")])
+    done = _segment(image, server[0], out, env, ["--stats-json", str(tmp / "stats.json")])
     assert done.returncode == 0, done.stderr + done.stdout
     assert "Approximate" in done.stdout
     got = nib.load(out)
@@ -168,75 +177,53 @@ def test_encrypted_segmentation_agrees_with_plaintext_and_leaks_neither_input(ca
     assert stats["encrypted_weights"] is True and stats["windows"] == 1 and stats["crypten_bytes"] > 0
 
 
-def test_mismatched_model_version_is_refused_before_any_traffic(case, server):
+def test_mismatched_model_version_is_refused_before_any_traffic(case, server, capsys):
     tmp, _, image = case
     out = tmp / "mismatch.nii.gz"
-    done = _segment(image, server, out, extra=["--set", "sw_overlap=0.5"])
-    assert done.returncode == 2
-    assert "model mismatch" in done.stderr
+    code, err = _segment_here(image, server[0], out, capsys, ["--set", "sw_overlap=0.5"])
+    assert code == 2
+    assert "model mismatch" in err
     assert not out.exists()
 
 
-def test_volume_over_the_server_limit_is_refused(case, server):
+def test_volume_over_the_server_limit_is_refused(case, server, capsys):
     tmp, _, _ = case
     big = write_nifti(np.random.default_rng(0).random((24, 24, 24), dtype=np.float32), AFFINE, tmp / "big.nii.gz")
-    done = _segment(big, server, tmp / "big_seg.nii.gz")
-    assert done.returncode == 2 and "over this server's limit" in done.stderr
+    code, err = _segment_here(big, server[0], tmp / "big_seg.nii.gz", capsys)
+    assert code == 2 and "over this server's limit" in err
     assert not (tmp / "big_seg.nii.gz").exists()
 
 
-@pytest.mark.parametrize("kind", ["two_channels", "not_an_image"])
-def test_image_the_network_cannot_take(case, kind, tmp_path):
+@pytest.mark.parametrize("kind", ["two_channels", "not_an_image", "missing"])
+def test_image_the_network_cannot_take(kind, tmp_path, capsys):
     bad = tmp_path / "bad.nii.gz"
     if kind == "two_channels":
         write_nifti(np.zeros((12, 12, 12, 2), np.float32), AFFINE, bad)
-    else:
+    elif kind == "not_an_image":
         bad.write_bytes(b"not a nifti file")
-    done = _segment(bad, free_port(), tmp_path / "seg.nii.gz")  # fails before connecting: no server needed
-    assert done.returncode == 2
-    assert "one-channel 3D" in done.stderr or "cannot be read" in done.stderr
+    code, err = _segment_here(bad, free_port(), tmp_path / "seg.nii.gz", capsys)  # fails before connecting
+    assert code == 2
+    assert {"two_channels": "one-channel 3D", "not_an_image": "cannot be read", "missing": "no such file"}[kind] in err
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
-def test_server_going_away_mid_protocol_fails_clearly(case, tmp_path):
-    tmp, _, image = case
-    port = free_port()
-    serve = _start(
-        ["serve", "--weights", str(tmp / "model.pt"), "--port", str(port), "--timeout", "30", *OVERRIDES],
-        tmp_path / "serve.log",
-    )
-    dealer = None
-    try:
-        _wait_for(tmp_path / "serve.log", "listening", serve)
-        dealer = _start(["dealer", "--server", f"127.0.0.1:{port}", "--timeout", "30"], tmp_path / "dealer.log")
-        _wait_for(tmp_path / "serve.log", "dealer connected", serve)
-        out = tmp_path / "seg.nii.gz"
-        client = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "privacy.encrypted_inference",
-                "segment",
-                str(image),
-                "--server",
-                f"127.0.0.1:{port}",
-                "--out",
-                str(out),
-                "--timeout",
-                "30",
-                *OVERRIDES,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        _wait_for(tmp_path / "serve.log", "session 1:", serve)
-        _stop(serve)  # the model owner and its session process go away
-        stdout, stderr = client.communicate(timeout=240)
-        assert client.returncode == 2, stdout + stderr
-        assert "went away or timed out" in stderr
-        assert not out.exists() and list(tmp_path.glob("*seg*")) == []
-    finally:
-        for p in (dealer, serve):
-            if p is not None:
-                _stop(p)
+def test_server_going_away_mid_protocol_fails_clearly(case, server, tmp_path):
+    """Runs last: it takes the module's server down (the fixture's teardown copes)."""
+    _, _, image = case
+    port, serve, log = server
+    out = tmp_path / "seg.nii.gz"
+    before = log.read_text().count("rendezvous")
+    client = subprocess.Popen(
+        [sys.executable, "-m", "privacy.encrypted_inference", "segment", str(image), "--server",
+         f"127.0.0.1:{port}", "--out", str(out), "--timeout", "30", *OVERRIDES],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while log.read_text().count("rendezvous") == before:  # wait until this client's session has started
+        assert time.monotonic() < deadline and client.poll() is None, log.read_text()
+        time.sleep(0.5)
+    _stop(serve)  # the model owner and its session process go away
+    stdout, stderr = client.communicate(timeout=240)
+    assert client.returncode == 2, stdout + stderr
+    assert "went away or timed out" in stderr
+    assert not out.exists() and list(tmp_path.glob("*seg*")) == []
