@@ -10,6 +10,8 @@ import pytest
 
 from apps.fetal_brain import orthanc
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the CLI starts Orthanc and the app
+
 
 def test_pacs_demo_check_round_trip(tmp_path):
     reason = orthanc.missing()

@@ -25,6 +25,8 @@ from fetalseg.data.io import read_dicom_series, write_nifti
 from fetalseg.labels import foreground_labels
 from tests.apps.pacs.conftest import StoredCase, store_phantom
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # real Orthanc + real app server
+
 MODEL = "fetal_brain_seg"
 
 

@@ -54,3 +54,14 @@ def test_ids_must_be_dicom_uids():
         check_uid("case01")
     with pytest.raises(NotFoundError):
         check_uid("1." + "2" * 70)
+
+
+def test_missing_orthanc_names_the_package(monkeypatch):
+    from apps.fetal_brain import orthanc
+
+    monkeypatch.setattr(orthanc, "orthanc_binary", lambda: None)
+    monkeypatch.setattr(orthanc, "dicomweb_plugin", lambda: None)
+    reason = orthanc.missing()
+    assert reason is not None and "orthanc, orthanc-dicomweb" in reason
+    with pytest.raises(RuntimeError, match="apt-get install"):
+        orthanc.start("/nonexistent-never-created")
