@@ -395,6 +395,21 @@ def subspace_capacity(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def fedstats(d: dict[str, Any]) -> list[Row]:
+    """bench_fedstats.py (issue 22 part 3): median error of the DP statistics a site releases, per ε and cases."""
+    return [
+        Row(
+            "fedstats",
+            f"DP statistics at ε = {r['epsilon']:g} (δ = 1e-5), {r['cases']} cases/site: median abs error",
+            f"count {r['median_abs_count']:.3g}, GA mean {r['median_abs_ga_mean']:.3g} wk, voxel size "
+            f"{r['median_abs_voxel_mean']:.3g} mm, orientation right {r['orientation_right']:.0%}",
+            "–",
+            "–",
+        )
+        for r in d["rows"]
+    ]
+
+
 def poisoning(d: dict[str, Any]) -> list[Row]:
     """bench_poisoning.py: held-out Dice with one attacking site minus the clean FedAvg run, per aggregation; the goal
     (issue 19: within 0.02) applies to the robust options (median, trimmed mean, or any clipped aggregation)."""
@@ -527,6 +542,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "scale": scale,
     "secure_aggregation": secure_aggregation,
     "encrypted_inference": encrypted_inference,
+    "fedstats": fedstats,
     "encrypted_inference_patch48": encrypted_inference,  # one window of the bundle's own 48³ patch (2 mm grid)
     "poisoning": poisoning,
     "poisoning_clip": poisoning,  # the same with clip_update_norm for every method
