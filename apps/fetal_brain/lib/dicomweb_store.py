@@ -50,7 +50,7 @@ from apps.fetal_brain.lib.errors import InputError, NotFoundError
 from apps.fetal_brain.lib.ids import check_id, check_tag
 from apps.fetal_brain.lib.volumes import image_geometry, load_image, load_label_for
 from fetalseg.data.io import MAX_DICOM_FILES, write_nifti
-from fetalseg.plumbing import file_lock
+from fetalseg.plumbing import atomic_write_json, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ T = TypeVar("T")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 LIST_TTL_S = 5.0
 CONVERTED = ".nifti"  # hidden: never listed as an image
+SOURCE_FILE = ".pacs_source.json"  # which PACS a cache folder belongs to
 DEFAULT_TIMEOUT_S = 30.0
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -154,7 +155,7 @@ class PacsDatastore(FetalDatastore):
         self.client.set_http_retry_params(retry=False)
         self._listing: tuple[float, dict[str, dict[str, str]]] | None = None
         self._fetch_lock = threading.Lock()
-        Path(cache).mkdir(parents=True, exist_ok=True)
+        _claim_cache(Path(cache), url)
         super().__init__(cache, auto_reload=False, read_only=read_only)
 
     def name(self) -> str:
@@ -388,6 +389,24 @@ class PacsDatastore(FetalDatastore):
             }
             log.info("stored %s label of %s in the PACS as SEG series %s", tag, image_id, seg.SeriesInstanceUID)
         return super().save_label(image_id, label_filename, tag, info)
+
+
+def _claim_cache(cache: Path, url: str) -> None:
+    """Mark ``cache`` as this PACS's (first use) or refuse it if it holds another PACS's series: a cache shared
+    between two URLs would serve one PACS's images as the other's."""
+    cache.mkdir(parents=True, exist_ok=True)
+    marker = cache / SOURCE_FILE
+    if marker.is_file():
+        try:
+            owner = json.loads(marker.read_text()).get("url")
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            raise ValueError(f"pacs_cache {cache}: unreadable {SOURCE_FILE} ({exc})") from exc
+        if owner != url:
+            raise ValueError(f"pacs_cache {cache} holds series of {owner}, not {url}: use another pacs_cache folder")
+        return
+    if any(p.name not in (".lock",) for p in cache.iterdir()):
+        raise ValueError(f"pacs_cache {cache} is not empty and not a PACS cache: use an empty or new folder")
+    atomic_write_json(marker, {"url": url})
 
 
 def open_pacs_datastore(url: str, config: Any, *, read_only: bool = False) -> PacsDatastore:

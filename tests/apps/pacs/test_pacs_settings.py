@@ -65,3 +65,18 @@ def test_missing_orthanc_names_the_package(monkeypatch):
     assert reason is not None and "orthanc, orthanc-dicomweb" in reason
     with pytest.raises(RuntimeError, match="apt-get install"):
         orthanc.start("/nonexistent-never-created")
+
+
+def test_a_cache_belongs_to_one_pacs(tmp_path):
+    from fetalseg.plumbing import free_port
+
+    first = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens: the store starts with its cache only
+    store = PacsDatastore(first, tmp_path / "cache", timeout_s=2)
+    assert store.list_images() == []
+    PacsDatastore(first, tmp_path / "cache", timeout_s=2)  # the same PACS again: fine
+    with pytest.raises(ValueError, match="holds series of"):
+        PacsDatastore(f"http://127.0.0.1:{free_port()}/other", tmp_path / "cache", timeout_s=2)
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "case.nii.gz").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a PACS cache"):
+        PacsDatastore(first, tmp_path / "studies", timeout_s=2)
