@@ -5,9 +5,10 @@ segmentation of the series it references. One segment per FeTA tissue, named and
 (:func:`fetalseg.labels.foreground_labels`; colours as CIELab, as the standard wants), each frame referencing
 the source slice it lies on, the geometry (orientation, spacing, per-frame position) taken from the source series.
 
-Library: ``pydicom-seg`` 0.4.1 (works with pydicom 2.4, which MONAI Label 0.8.5 needs; ``highdicom`` releases that
-accept pydicom 2 are older than the ones that fix pydicom-3 issues, and MONAI Label's own DICOM SEG path uses
-pydicom-seg too). Empty tissues are not written (a SEG segment needs at least one frame); an all-background label
+Library: ``pydicom-seg`` 0.4.1 (works with pydicom 2.4, which MONAI Label 0.8.5 needs, and is already installed
+with MONAI Label, whose own DICOM SEG path uses it). ``highdicom`` 0.22.0 would also accept pydicom 2.4.5 (its
+metadata requires ``pydicom>=2.3,!=2.4.0``; newer releases not checked) but adds ``pillow-jpls``: not needed here.
+Empty tissues are not written (a SEG segment needs at least one frame); an all-background label
 map has no DICOM SEG form and raises :class:`EmptySegmentationError`.
 
 Coded concepts: segment types use SNOMED CT codes where the mapping is unambiguous (CSF, ventricles, cerebellum,
