@@ -261,7 +261,7 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
             request["image"] = str(path)
             request.pop("save_label", None)
         elif image:
-            instance.datastore().image_file(check_id(image))
+            await run_in_threadpool(instance.datastore().image_file, check_id(image))  # a PACS fetches here
             request["image"] = image
         else:
             raise BadRequestError("no image: pass ?image=<datastore id> or upload a file")
@@ -305,7 +305,7 @@ def build_front(*, max_upload_bytes: int, infer_pool: ThreadPoolExecutor, audit_
     ) -> dict[str, Any]:
         instance = app_instance()
         datastore = instance.datastore()
-        image_path = datastore.image_file(check_id(image))
+        image_path = await run_in_threadpool(datastore.image_file, check_id(image))  # a PACS fetches here
         tag = check_tag(tag or "final")
         info = parse_object(params)
         grid, _ = await run_in_threadpool(image_geometry, image_path)  # the shape the label must declare
