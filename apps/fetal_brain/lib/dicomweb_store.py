@@ -300,7 +300,9 @@ class PacsDatastore(FetalDatastore):
             listed = self.remote_series(fresh=True)
             found = self._call(
                 "listing corrections",
-                lambda: self.client.search_for_series(search_filters={"Modality": "SEG"}, get_remaining=True),
+                lambda: self.client.search_for_series(
+                    search_filters={"Modality": "SEG"}, fields=["SeriesDate", "SeriesTime"], get_remaining=True
+                ),
             )
         except PacsUnavailableError as exc:
             log.warning("%s; fine-tuning on the corrections kept locally", exc)
@@ -311,8 +313,10 @@ class PacsDatastore(FetalDatastore):
             if "final" in obj.labels
         }
         pulled = []
-        for item in found:
-            meta = Dataset.from_json(item)
+        metas = [Dataset.from_json(item) for item in found]
+        # newest first: of several corrections of one series in the PACS, the latest is the one kept
+        metas.sort(key=lambda m: (str(m.get("SeriesDate", "")), str(m.get("SeriesTime", ""))), reverse=True)
+        for meta in metas:
             seg_uid, study = str(meta.get("SeriesInstanceUID", "")), str(meta.get("StudyInstanceUID", ""))
             # filtered here: Orthanc's QIDO matched no SeriesDescription holding parentheses
             if not seg_uid or seg_uid in known or str(meta.get("SeriesDescription", "")) != series_description("final"):

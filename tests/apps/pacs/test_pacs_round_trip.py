@@ -161,6 +161,20 @@ def test_download_and_corrections_pulled_into_a_fresh_cache(site: Site, tmp_path
     assert np.array_equal(pulled, case.label)
     assert fresh.final_cases() and fresh.pull_corrections() == []  # pulled once
 
+    # a second correction of the same series: a new cache keeps the newest one
+    newer = np.where(case.label == 5, 0, case.label).astype(np.uint8)
+    path = write_nifti(newer, case.affine, tmp_path / "newer.nii.gz", dtype=np.uint8)
+    with open(path, "rb") as fh:
+        saved = requests.put(
+            site.url(f"/datastore/label?image={case.series_uid}&tag=final"),
+            files={"label": ("newer.nii.gz", fh)},
+            timeout=120,
+        )
+    assert saved.status_code == 200, saved.text
+    again = PacsDatastore(site.pacs.dicomweb_url, tmp_path / "cache2", credentials=site.pacs.auth, timeout_s=10)
+    latest = {image_id: label for image_id, _, label in again.final_cases()}
+    assert np.array_equal(np.asarray(nib.load(str(latest[case.series_uid])).dataobj), newer)
+
 
 @pytest.mark.parametrize(
     ("image", "status"),
