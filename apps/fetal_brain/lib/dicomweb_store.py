@@ -168,6 +168,8 @@ class PacsDatastore(FetalDatastore):
             return fn()
         except requests.HTTPError as exc:
             code = exc.response.status_code if exc.response is not None else None
+            if code == 404:
+                raise NotFoundError(f"{what}: the PACS at {self.url} does not have it (any more)") from exc
             if code in (401, 403):
                 reason = f"refused our credentials (HTTP {code}; check pacs_credentials)"
             else:
@@ -178,6 +180,12 @@ class PacsDatastore(FetalDatastore):
                 f"{what}: the PACS at {self.url} is not reachable ({type(exc).__name__}); nothing was changed, "
                 "try again when it is back"
             ) from exc
+        except ValueError as exc:  # dicomweb-client/pydicom could not read the answer
+            raise PacsUnavailableError(
+                f"{what}: the PACS at {self.url} sent an answer that cannot be read ({exc}); nothing was changed"
+            ) from exc
+        except requests.RequestException as exc:
+            raise PacsUnavailableError(f"{what}: the PACS at {self.url} failed ({exc}); nothing was changed") from exc
 
     def remote_series(self, *, fresh: bool = False) -> dict[str, dict[str, str]]:
         """SeriesInstanceUID -> {StudyInstanceUID, PatientID, ...} of the PACS's series of ``modality``."""
@@ -222,7 +230,10 @@ class PacsDatastore(FetalDatastore):
         if not self._cached(uid):
             with self._fetch_lock:
                 if not self._cached(uid):
-                    self._fetch(uid, self.remote_series()[uid])
+                    meta = self.remote_series().get(uid)
+                    if meta is None:
+                        raise NotFoundError(f"image {uid!r} is no longer a series of the PACS at {self.url}")
+                    self._fetch(uid, meta)
         return self.root / uid
 
     def get_image_uri(self, image_id: str) -> str:

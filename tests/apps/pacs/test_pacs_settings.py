@@ -80,3 +80,37 @@ def test_a_cache_belongs_to_one_pacs(tmp_path):
     (tmp_path / "studies" / "case.nii.gz").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a PACS cache"):
         PacsDatastore(first, tmp_path / "studies", timeout_s=2)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [(401, b"", "refused our credentials"), (500, b"", "answered HTTP 500"), (200, b"not json", "cannot be read")],
+)
+def test_a_misbehaving_pacs_is_424_with_the_reason(tmp_path, status, body, message):
+    """A real HTTP server on 127.0.0.1 standing in for a broken PACS (not a mock of Orthanc: of its failures)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from apps.fetal_brain.lib.dicomweb_store import PacsUnavailableError
+
+    class Broken(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        store = PacsDatastore(url, tmp_path / "cache", credentials=("u", "p"), timeout_s=5)
+        with pytest.raises(PacsUnavailableError, match=message) as caught:
+            store.check_image("1.2.3.4")
+        assert caught.value.status == 424
+    finally:
+        server.shutdown()
