@@ -546,6 +546,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "encrypted_inference": encrypted_inference,
     "fedstats": fedstats,
     "encrypted_inference_patch48": encrypted_inference,  # one window of the bundle's own 48³ patch (2 mm grid)
+    "encrypted_inference_64": encrypted_inference,  # the goal's whole 64³ volume (8 windows), encrypted weights
     "poisoning": poisoning,
     "poisoning_clip": poisoning,  # the same with clip_update_norm for every method
 }
