@@ -190,7 +190,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds any single wait may take")
     ap.add_argument("--name", default="encrypted_inference", help="result name in bench/results/")
     args = ap.parse_args()
-    reduced = sorted(args.sizes) != FULL["sizes"] or args.variant != FULL["variant"] or bool(args.set)
+    # REDUCED: another grid or patch than the bundle's, or without the goal's 64³ volume
+    reduced = args.variant != FULL["variant"] or bool(args.set) or GOAL["size"] not in args.sizes
     bundle = Bundle("common", variant=args.variant, overrides=_overrides(args.set))
     result = {
         "args": vars(args),
