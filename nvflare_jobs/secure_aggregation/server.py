@@ -189,14 +189,18 @@ class SecureAggregationMixin:
             f"transcript {str(session.transcript)[:16]}...)"
         )
 
-    def _ask(self, task: str, message: dict[str, Any], targets: list[str]) -> dict[str, dict[str, Any]]:
-        """Send one protocol task to ``targets``, wait, return each answering site's message by its identity."""
+    def _ask(
+        self, task: str, message: dict[str, Any], targets: list[str], min_responses: int | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Send one protocol task to ``targets``, wait (for all, or for ``min_responses`` and then the job's
+        ``straggler_wait_s`` for the rest), return each answering site's message by its identity."""
         results = self.broadcast_model(
             task_name=task,
             data=FLModel(params={}, meta={META_KEY: message}),
             targets=list(targets),
-            min_responses=len(targets),
+            min_responses=len(targets) if min_responses is None else min_responses,
             timeout=self.secagg_timeout_s,
+            wait_time_after_min_received=0 if min_responses is None else int(getattr(self, "straggler_wait_s", 0)),
             blocking=True,
         )
         out = {}
@@ -225,7 +229,8 @@ class SecureAggregationMixin:
             requests = self._secagg.unmask_requests()
         except ThresholdError as e:
             raise RuntimeError(f"secure aggregation: {e}; stopping the job") from None
-        replies = self._ask(UNMASK_TASK, {"requests": requests}, survivors)
+        # t answers suffice: a survivor dying now costs at most straggler_wait_s, not the round
+        replies = self._ask(UNMASK_TASK, {"requests": requests}, survivors, min_responses=self.secagg_threshold)
         try:
             params, weight = self._secagg.finish(replies)
         except ThresholdError as e:
