@@ -163,3 +163,13 @@ def test_a_tampered_key_table_stops_the_job_before_training(
     assert "['site-3'] did not complete key agreement; stopping the job" in log
     for s in SITES:  # no site trained, nothing was masked or sent
         assert "masked update sent" not in (job / s / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["fedopt", "fedprox"])
+def test_fedopt_and_fedprox_run_on_the_unmasked_sum(tmp_path: Path, make_config, fl_env: dict, algorithm: str) -> None:
+    cfg = make_config(name=f"sa_{algorithm}", algorithm=algorithm, num_rounds=1, cross_site_eval=False, server=SECURE)
+    job = run(tmp_path, algorithm, cfg)
+    log = (job / "server" / "log.txt").read_text()
+    assert "unmasked the sum of 3 masked updates" in log
+    change = final_change(job, cfg["bundle_overrides"])
+    assert all(np.all(np.isfinite(v)) for v in change.values()) and max(np.max(np.abs(v)) for v in change.values()) > 0
