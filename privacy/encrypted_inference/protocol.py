@@ -61,6 +61,7 @@ def model_fingerprint(bundle: Bundle, network: nn.Module) -> str:
     parser = bundle.parser
     spec = {
         "protocol": PROTOCOL_VERSION,
+        "precision_bits": shims.PRECISION_BITS,
         "bundle_version": bundle.version,
         "network_def": parser.get("network_def"),
         "preprocessing": parser.get("preprocessing_transforms"),

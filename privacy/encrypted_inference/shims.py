@@ -7,9 +7,8 @@ shim unnecessary (or wrong) fails there first:
 * ``torch.onnx._internal.registration`` moved to ``torch.onnx._internal.torchscript_exporter.registration``;
   CrypTen's ONNX converter imports the old name at ``import crypten``. We alias the module (CrypTen's ONNX path is
   never used: the network is walked directly, see :mod:`privacy.encrypted_inference.layers`).
-* CrypTen encodes with 16 fractional bits; the instance norms of the bundle network need 20 (measured on the tiny
-  network at 32³, one party: 99.83 % -> 99.997 % of voxels as plaintext). Ranges stay far from the 64-bit ring's
-  limit because the variance is divided by the voxel count before it is scaled.
+* Fractional bits: see :data:`PRECISION_BITS` (more bits = finer values but more frequent two-party truncation
+  failures; CrypTen's 16 is kept unless ``FETAL_FL_CRYPTEN_PRECISION_BITS`` says otherwise).
 * CrypTen's Newton inverse square root runs 3 iterations from a start that is accurate only for inputs ~0.1-200;
   instance norm needs more (10) and calibrated inputs (see ``layers.calibrate_instance_norm``).
 * ``crypten.init`` calls ``torch.distributed.init_process_group`` without a timeout (gloo's default is 30 min):
@@ -32,7 +31,11 @@ from typing import Any
 import torch
 
 CRYPTEN_VERSION = "0.4.1"
-PRECISION_BITS = 20  # CrypTen default 16; 20 took the tiny network's voxel agreement from 99.83 % to 99.997 %
+# Fractional bits of the fixed point. 20 took the tiny network's agreement (one party) from 99.83 % to 99.997 %, but
+# two-party local truncation fails with probability ~|v|·2**(2·bits)/2**63 per product (a huge wrong value that the
+# next instance norm spreads over its window): at 20 bits a whole 64³ volume (8 windows of 48³) agreed on only 63 %.
+# 16 (CrypTen's default) makes such failures 256x rarer. Both parties must use the same (it is in the fingerprint).
+PRECISION_BITS = int(os.environ.get("FETAL_FL_CRYPTEN_PRECISION_BITS", "16"))
 SQRT_NEWTON_ITERATIONS = 10  # CrypTen default 3; instance norm needs 10 (measured: 12 % -> 99.97 % agreement)
 _OLD_REGISTRATION = "torch.onnx._internal.registration"
 _NEW_REGISTRATION = "torch.onnx._internal.torchscript_exporter.registration"
