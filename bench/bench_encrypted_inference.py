@@ -37,6 +37,7 @@ from fetalseg.data.io import write_nifti  # noqa: E402
 from fetalseg.data.phantom import generate_phantom, site_profiles  # noqa: E402
 from fetalseg.inference import Segmenter  # noqa: E402
 from fetalseg.plumbing import atomic_write_json, atomic_write_text, free_port  # noqa: E402
+from privacy.encrypted_inference.shims import PRECISION_BITS  # noqa: E402
 
 FULL = {"sizes": [32, 48, 64], "variant": None, "set": []}
 GOAL = {"size": 64, "agreement": 0.999, "seconds": 120.0, "bytes": 10e9}
@@ -156,7 +157,8 @@ def markdown(result: dict) -> str:
         "",
         f"Bundle variant {a['variant'] or 'default'} (grid {result['pixdim']} mm, patch {result['patch_size']}), "
         f"overrides {a['set'] or 'none'}; {result['machine']}; {result['date']}. Two parties + a dealer on 127.0.0.1, "
-        "CrypTen 0.4.1, 20 fractional bits. Traffic = CrypTen's count per party (sent + received). Session time "
+        f"CrypTen 0.4.1, {result.get('precision_bits', 20)} fractional bits. Traffic = CrypTen's count per party "
+        "(sent + received). Session time "
         "from joining to the last window; the data owner's command also includes start-up and pre/post-processing.",
         "",
         "| volume | weights | windows | agreement | data owner: command / session s | model owner s | dealer s "
@@ -196,6 +198,7 @@ def main() -> int:
     result = {
         "args": vars(args),
         "reduced": reduced,
+        "precision_bits": PRECISION_BITS,  # results written before this key existed were measured with 20
         "pixdim": list(bundle.pixdim),
         "patch_size": list(bundle.patch_size),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at start",
