@@ -50,7 +50,7 @@ from fedavg_in_process import fedavg_rounds, pretrain, score, set_lr  # noqa: E4
 from monai.utils import set_determinism  # noqa: E402
 
 from fetalseg.baseline import SiteSplit, split_site  # noqa: E402
-from fetalseg.bundle import Bundle, load_checkpoint_file  # noqa: E402
+from fetalseg.bundle import Bundle, load_checkpoint_file, save_checkpoint  # noqa: E402
 from fetalseg.data.federation import write_federation  # noqa: E402
 from fetalseg.data.loaders import load_dataset  # noqa: E402
 from fetalseg.training import build_train_dataset, build_train_loader, train_epoch  # noqa: E402
@@ -238,6 +238,12 @@ def main() -> None:
     )
     ap.add_argument("--max-minutes", type=float, default=25.0, help="skip the runs left after this much time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--save-models",
+        type=Path,
+        default=None,
+        help="write each run's global model here (<start>_<np|eps8>.pt), e.g. for bench/bench_site_models.py",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "privacy_utility.md")
     args = ap.parse_args()
     if args.trained_parameters is not None:
@@ -327,6 +333,10 @@ def main() -> None:
                 trainable=args.finetune_weights if start_name == "public" else "all",
             )  # fmt: skip
             dice = score(bundle, net, splits)
+            if args.save_models is not None:
+                args.save_models.mkdir(parents=True, exist_ok=True)
+                tag = "np" if eps is None else f"eps{eps:g}"
+                save_checkpoint(net, args.save_models / f"{start_name}_{tag}.pt", run=name, **info)
             row = {
                 "run": name,
                 "start": start_name,

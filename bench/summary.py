@@ -395,6 +395,33 @@ def subspace_capacity(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def site_models(d: dict[str, Any]) -> list[Row]:
+    """bench_site_models.py: the model each site serves (a global model + the site's local part) against non-private
+    FedAvg on that site (issue 24: within 0.02) and against the site training alone (must be better), worst site."""
+    rows = [Row("site_models", "public model alone, pooled held-out Dice", f"{r['pooled']:.3f}", "–", "–")
+            for r in d["rows"] if r["run"] == "public"]  # fmt: skip
+    fedavg = d["args"].get("fedavg")
+    by_run = {r["run"]: r for r in d["rows"]}
+    reference = by_run.get(f"{fedavg} (global only)")
+    alone = [r for r in d["rows"] if r["run"].startswith("site alone")]
+    for r in d["rows"]:
+        if not r["run"].endswith(" + local part") or r["run"] == f"{fedavg} + local part":
+            continue
+        sites = sorted(r["sites"])
+        if reference is not None:
+            gaps = {s: r["sites"][s]["dice"] - reference["sites"][s]["dice"] for s in sites}
+            worst = min(gaps, key=gaps.get)
+            rows.append(Row("site_models", f"{r['run']} − FedAvg on the same site (worst site, {worst})",
+                            f"{gaps[worst]:+.3f} (pooled {r['pooled']:.3f} vs {reference['pooled']:.3f})",
+                            "≥ −0.02", _verdict(gaps[worst] >= -0.02)))  # fmt: skip
+        if alone:
+            margins = {s: r["sites"][s]["dice"] - max(a["sites"][s]["dice"] for a in alone) for s in sites}
+            worst = min(margins, key=margins.get)
+            rows.append(Row("site_models", f"{r['run']} − best site-alone model (worst site, {worst})",
+                            f"{margins[worst]:+.3f}", "> 0", _verdict(margins[worst] > 0)))  # fmt: skip
+    return rows
+
+
 def fedstats(d: dict[str, Any]) -> list[Row]:
     """bench_fedstats.py (issue 22 part 3): median error of the DP statistics a site releases, per ε and cases."""
     return [
@@ -549,6 +576,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "encrypted_inference_64": encrypted_inference,  # the goal's whole 64³ volume (8 windows), encrypted weights
     "poisoning": poisoning,
     "poisoning_clip": poisoning,  # the same with clip_update_norm for every method
+    "site_models": site_models,  # DP global + local part vs FedAvg vs the site alone
 }
 
 

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -480,13 +479,6 @@ def server_command(studies: Path, model_path: Path, variant: str | None, port: i
     if variant:
         cmd += ["--conf", "variant", variant]
     return cmd
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _copy_studies(splits: list[Any], studies: Path) -> list[str]:

@@ -211,6 +211,23 @@ def _check_metrics_policy(metrics: Any) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _check_dp_sgd(where: str, settings: Mapping[str, Any] | None, *, num_rounds: int, local_epochs: int) -> None:
+    """DP-SGD settings as the sites will build them (the job's plan filled in as ``plan.dp_settings_for`` does):
+    an unknown key or accountant, a bad δ, clip or EMA decay is an error here, before any site starts training.
+    What only a site knows (δ against its N) is checked again there."""
+    if settings is None:
+        return
+    from privacy.dp_config import DPSGDConfig  # torch-free: the check stays well under a second
+
+    full = dict(settings)
+    if not {"planned_steps", "planned_rounds"} & full.keys():
+        full.update(planned_rounds=num_rounds, local_epochs=local_epochs)
+    try:
+        DPSGDConfig.from_dict(full)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _check_trained_parameters(spec: Any) -> str:
     """``training.trained_parameters``: the weights every site trains and sends (``fetalseg.subspace``), checked
     here so a typo stops the job before any site trains."""
@@ -495,6 +512,10 @@ class JobConfig:
                 if sd["dp_sgd"] is not None and not isinstance(sd["dp_sgd"], Mapping):
                     raise ConfigError(f"{where}.dp_sgd must be an object or null")
                 site_dp[site] = dict(sd["dp_sgd"]) if sd["dp_sgd"] is not None else None
+        for where, settings in [("privacy.dp_sgd", dp_sgd)] + [
+            (f"privacy.sites.{k}.dp_sgd", v) for k, v in site_dp.items()
+        ]:
+            _check_dp_sgd(where, settings, num_rounds=num_rounds, local_epochs=local_epochs)
         for f in filters:
             for s in f.sites or ():
                 if s not in sites:

@@ -15,39 +15,27 @@ import logging
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Literal
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from privacy.dp_config import (  # noqa: F401  (re-exported)
+    ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    DEFAULT_DELTA,
+    AccountantName,
+    _is_number,
+    check_accountant,
+    check_delta,
+)
+
 log = logging.getLogger(__name__)
 
-AccountantName = Literal["rdp", "prv"]
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
-# PRV (numerical composition) is tighter than RDP's conversion at the same σ (e.g. 11.0 vs 12.0 at σ=1, q=0.05,
-# 1000 steps, δ=1e-5): the default for every new plan. RDP stays selectable (older jobs' ledgers name it).
-DEFAULT_ACCOUNTANT: AccountantName = "prv"
-# One δ per site everywhere (issue 24): well below 1/N for the tens to hundreds of cases a site has.
-DEFAULT_DELTA = 1e-5
 History = Sequence[tuple[float, float, int]]
 
 # Largest σ the search for a target ε tries; a target needing more is refused (training would learn nothing).
 MAX_NOISE_MULTIPLIER = 1e4
-
-
-def check_accountant(accountant: str) -> str:
-    """Return ``accountant`` if it is a supported name, else raise ValueError."""
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    return accountant
-
-
-def check_delta(delta: float) -> float:
-    """δ must be a probability strictly between 0 and 1 (δ = 0 would need pure DP, which Gaussian noise is not)."""
-    if not _is_number(delta) or not 0.0 < float(delta) < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    return float(delta)
 
 
 def check_history(history: Iterable[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
@@ -169,7 +157,3 @@ def noise_multiplier_for_epsilon(
         steps,
     )
     return sigma
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)

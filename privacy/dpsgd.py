@@ -32,10 +32,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +49,24 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from fetalseg.plumbing import atomic_write_json
-from privacy.accounting import (
+from privacy.accounting import epsilon_for_history, noise_multiplier_for_epsilon
+from privacy.dp_config import (  # noqa: F401  (re-exported: the settings live in the torch-free module)
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
     DEFAULT_DELTA,
+    DEFAULT_GRAD_SAMPLE_MODE,
+    GRAD_SAMPLE_MODES,
+    DPSGDConfig,
+    _int_at_least,
     check_delta,
-    epsilon_for_history,
-    noise_multiplier_for_epsilon,
+    check_ema_decay,
+    check_multiplicity,
+    steps_per_epoch,
 )
-from privacy.ema import IterateEMA, check_ema_decay
+from privacy.ema import IterateEMA
 from privacy.full_batch import FullBatchLoader
 from privacy.ledger import DatasetStatus, PrivacyBudgetExceeded, SiteLedger
-from privacy.multiplicity import MULTIPLICITY_MODES, MultiViewDataset, check_multiplicity
+from privacy.multiplicity import MultiViewDataset
 
 log = logging.getLogger(__name__)
 
@@ -79,128 +83,12 @@ NOISE_SOURCE = (
     "torch.Generator (Mersenne Twister on CPU, Philox on GPU) seeded from os.urandom for each job's engine: not "
     "reproducible from any job-config seed, but not a cryptographically secure generator"
 )
-# Per-sample gradient methods: Opacus's three that work on the bundle's 3D U-Net ("ew" cannot handle
-# conv_transpose3d) and this module's "loop" and "vmap". The default is chosen by bench/bench_dp.py on this model
-# (bench/results/dp.md).
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("loop", "vmap", "functorch", "hooks", "ghost")
-DEFAULT_GRAD_SAMPLE_MODE = "vmap"
 STATE_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DPSGDConfig:
-    """DP-SGD settings of a job: either (``noise_multiplier``, ``max_grad_norm``) or a ``target_epsilon``.
-
-    In target-ε mode the planned number of steps must be known (``planned_steps``, or ``planned_rounds`` ×
-    ``local_epochs`` full passes over the local data); the noise is then computed so that ε after exactly those
-    steps is at most the target, and the engine refuses any step beyond the plan.
-
-    Small-N DP (issue 24; De et al. 2022): ``full_batch`` is DP-GD, every training case in every step (q = 1, one
-    step per local epoch, so ``planned_rounds × local_epochs`` steps; the engine then takes no batch size);
-    ``augmentation_multiplicity`` K averages K augmented views of one case before clipping (one case stays one
-    privacy unit: ε does not depend on K; :mod:`privacy.multiplicity`); ``ema_decay`` makes the site's weights
-    between steps an EMA of its DP iterates (post-processing, no ε; :mod:`privacy.ema`). Only parameters with
-    ``requires_grad`` are clipped, noised and trained (a frozen weight is neither noised nor counted in a norm).
-    """
-
-    noise_multiplier: float | None = None
-    max_grad_norm: float = 1.0
-    target_epsilon: float | None = None
-    delta: float = DEFAULT_DELTA
-    planned_steps: int | None = None
-    planned_rounds: int | None = None
-    local_epochs: int | None = None
-    accountant: str = DEFAULT_ACCOUNTANT
-    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
-    full_batch: bool = False
-    augmentation_multiplicity: int = 1
-    ema_decay: float | None = None
-    seed: int | None = None  # reproducible noise and sampling: tests only (a known seed voids the guarantee)
-
-    def __post_init__(self) -> None:
-        _positive_or_none("noise_multiplier", self.noise_multiplier)
-        _positive_or_none("target_epsilon", self.target_epsilon)
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError(
-                "give exactly one of noise_multiplier (with max_grad_norm) or target_epsilon, "
-                f"got noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}"
-            )
-        if self.max_grad_norm is None:
-            raise ValueError("max_grad_norm (the per-sample clip norm) is required")
-        _positive_or_none("max_grad_norm", self.max_grad_norm)
-        check_delta(self.delta)
-        for name in ("planned_steps", "planned_rounds", "local_epochs"):
-            _int_at_least_or_none(name, getattr(self, name), 1)
-        if (self.planned_rounds is None) != (self.local_epochs is None):
-            raise ValueError("planned_rounds and local_epochs go together (planned steps = rounds × epochs × batches)")
-        if self.planned_steps is not None and self.planned_rounds is not None:
-            raise ValueError("give planned_steps or planned_rounds + local_epochs, not both")
-        if self.target_epsilon is not None and self.planned_steps is None and self.planned_rounds is None:
-            raise ValueError("target_epsilon needs the plan: planned_steps, or planned_rounds and local_epochs")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if not isinstance(self.full_batch, bool):
-            raise ValueError(f"full_batch must be true or false, got {self.full_batch!r}")
-        check_multiplicity(self.augmentation_multiplicity)
-        if self.augmentation_multiplicity > 1 and self.grad_sample_mode not in MULTIPLICITY_MODES:
-            raise ValueError(
-                f"augmentation_multiplicity > 1 needs grad_sample_mode in {MULTIPLICITY_MODES} (the views of a case "
-                f"are averaged before clipping there), got {self.grad_sample_mode!r}"
-            )
-        check_ema_decay(self.ema_decay)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DPSGDConfig:
-        """Build from a job config dict; unknown keys are an error (a typo must not silently drop a setting)."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"DP-SGD config must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown DP-SGD config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    # -- what follows from the dataset -------------------------------------------------------------------------
-    def check_dataset(self, dataset_size: int, *, where: str = "delta") -> None:
-        """δ must be well below 1/N: with δ ≥ 1/N, releasing one random case verbatim would satisfy (ε, δ)-DP.
-
-        Called with the site's number of training cases before anything is built or trained (the site is the only
-        one that knows N); ``where`` names the setting in the error (e.g. ``privacy.dp_sgd.delta``)."""
-        _int_at_least("dataset_size", dataset_size, 1)
-        if self.delta >= 1.0 / dataset_size:
-            raise ValueError(
-                f"{where}={self.delta:g} must be < 1/N = {1.0 / dataset_size:.3g} for N={dataset_size} training "
-                f"cases (with δ ≥ 1/N a mechanism that publishes one whole case satisfies (ε, δ)-DP): set {where} "
-                f"to {DEFAULT_DELTA:g} (the project's δ) or at most {0.1 / dataset_size:.1g} = 1/(10·N)"
-            )
-
-    def planned_total_steps(self, *, dataset_size: int, batch_size: int | None) -> int | None:
-        """Optimizer steps in the whole job (None if the config does not say); full batch: one per local epoch."""
-        if self.planned_steps is not None:
-            return int(self.planned_steps)
-        if self.planned_rounds is not None and self.local_epochs is not None:
-            per_epoch = 1 if self.full_batch else steps_per_epoch(dataset_size, batch_size)  # type: ignore[arg-type]
-            return int(self.planned_rounds) * int(self.local_epochs) * per_epoch
-        return None
-
-
-def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
-    """Poisson draws per pass over the data: ceil(N / B), as Opacus's ``DPDataLoader`` uses."""
-    _int_at_least("dataset_size", dataset_size, 1)
-    _int_at_least("batch_size", batch_size, 1)
-    return math.ceil(dataset_size / batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1036,23 +924,6 @@ def _new_generator(seed: int | None, device: torch.device) -> torch.Generator:
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove Opacus's ``_module.`` key prefix (a wrapped model's state dict) so the plain network can load it."""
     return {(k[len("_module.") :] if k.startswith("_module.") else k): v for k, v in state_dict.items()}
-
-
-def _positive_or_none(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _int_at_least_or_none(name: str, value: Any, minimum: int) -> None:
-    if value is not None:
-        _int_at_least(name, value, minimum)
-
-
-def _int_at_least(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _fmt(value: float | None) -> str:

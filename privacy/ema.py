@@ -19,24 +19,14 @@ difference a client sends all see the EMA. Frozen parameters are untouched.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from privacy.dp_config import check_ema_decay
+
 WARMUP = 10  # decay_t = min(decay, (1 + t) / (WARMUP + t))
-
-
-def check_ema_decay(value: Any) -> float | None:
-    """``None`` (no EMA) or a decay in [0, 1): 1 would never move from the start, > 1 or < 0 is not an average."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"ema_decay must be a number in [0, 1) or null, got {value!r}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1) (e.g. 0.99 per step), got {value!r}")
-    return float(value)
 
 
 def decay_at(decay: float, t: int) -> float:

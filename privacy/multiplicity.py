@@ -18,16 +18,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from privacy.dp_config import MULTIPLICITY_MODES, check_multiplicity  # noqa: F401  (re-exported)
+
 # Per-sample gradient modes that average a case's views before clipping (privacy.dpsgd's own modes).
-MULTIPLICITY_MODES: tuple[str, ...] = ("vmap", "loop")
 VIEW_KEYS: tuple[str, ...] = ("image", "label")
-
-
-def check_multiplicity(value: Any) -> int:
-    """K must be an integer ≥ 1 (1: one view, the plain per-case gradient)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"augmentation_multiplicity must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 def _plain(t: Any) -> torch.Tensor:

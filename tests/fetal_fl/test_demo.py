@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from fetal_fl.demo import free_port
+from fetalseg.plumbing import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
 

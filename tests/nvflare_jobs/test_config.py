@@ -49,6 +49,17 @@ def test_defaults_are_fedavg_on_three_sites() -> None:
         ({"privacy": {"filters": [{"type": "percentile", "sites": ["site-9"]}]}}, "site-9"),
         ({"privacy": {"sites": {"site-9": {"dp_sgd": {}}}}}, "site-9"),
         ({"algorithm": {"name": "fedprox"}, "privacy": {"dp_sgd": {"noise_multiplier": 1.0}}}, "fedprox"),
+        # DP-SGD settings are checked when the config is read, as the sites will build them (not first at a site)
+        ({"privacy": {"dp_sgd": {"noise_multiplier": 1.0, "accountant": "moments"}}}, r"privacy\.dp_sgd: accountant"),
+        ({"privacy": {"dp_sgd": {"noise_multiplier": 1.0, "ema_decay": 1.0}}}, r"privacy\.dp_sgd: .*ema_decay"),
+        ({"privacy": {"dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 0}}}, r"privacy\.dp_sgd: .*max_grad_norm"),
+        ({"privacy": {"dp_sgd": {"noise_multiplier": 1.0, "delta": 0}}}, r"privacy\.dp_sgd: delta must be in"),
+        (
+            {"privacy": {"dp_sgd": {"noise_multiplier": 1.0, "clip": 1.0}}},
+            r"privacy\.dp_sgd: unknown DP-SGD config keys",
+        ),
+        ({"privacy": {"dp_sgd": {"target_epsilon": 8, "noise_multiplier": 1.0}}}, r"privacy\.dp_sgd: give exactly one"),
+        ({"privacy": {"sites": {"site-2": {"dp_sgd": {"target_epsilon": -1}}}}}, r"privacy\.sites\.site-2\.dp_sgd"),
         ({"server": {"max_update_norm": -1}}, "max_update_norm"),
         ({"training": {"local_epochs": 0}}, "local_epochs"),
         ({"tracking": "mlflow"}, "tracking"),
