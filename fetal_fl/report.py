@@ -363,10 +363,23 @@ def privacy_section(run: DemoRun) -> list[str]:
         "channels (mutual TLS in POC/production; the simulator runs everything in one machine).",
         "- **Not protected:** the *site-level* fact that a site took part, its data volume (steps per round are "
         "sent as FedAvg weights), and the model itself: the global model is trained on everyone's data and a "
-        "membership attack on it is bounded only by the DP guarantee above. The server is trusted to aggregate "
-        "honestly; no secure aggregation is used.",
+        "membership attack on it is bounded only by the DP guarantee above. " + _aggregation_trust(run.job_config),
     ]
     return lines
+
+
+def _aggregation_trust(job_config: dict) -> str:
+    """What the server (and its operator) sees of each site's update in this job."""
+    secagg = ((job_config.get("server") or {}).get("secure_aggregation") or {}) if job_config else {}
+    if secagg.get("enabled"):
+        return (
+            "Secure aggregation was on: the server received each site's update only pairwise-masked and unmasked "
+            "only the sum (honest-but-curious server; docs/secure_aggregation.md says what a malicious one can do)."
+        )
+    return (
+        "The server is trusted to aggregate honestly and reads each site's filtered update in the clear: secure "
+        "aggregation (`server.secure_aggregation`, docs/secure_aggregation.md) was not on in this job."
+    )
 
 
 # -- the model each site serves -------------------------------------------------------------------------------------
