@@ -543,7 +543,7 @@ def encrypted_inference(d: dict[str, Any]) -> list[Row]:
         gb = max(v.get("crypten_bytes", float("inf")) for v in p.values()) / 1e9
         at_goal = not d.get("reduced") and r["size"] == 64 and r["mode"] == "encrypted"
         what = f"{r['size']}³ whole volume, {r['mode']} weights{tag}: agreement; slowest party; most traffic per party"
-        result = f"{100 * r['agreement']:.2f} %; {secs:.0f} s; {gb:.2f} GB"
+        result = f"{100 * r['agreement']:.3f} %; {secs:.0f} s; {gb:.2f} GB"
         ok = (r["agreement"] >= 0.999 and secs <= 120 and gb <= 10) if at_goal else None
         rows.append(Row("encrypted_inference", what, result, "≥ 99.9 %; ≤ 120 s; ≤ 10 GB" if at_goal else "–",
                         _verdict(ok)))  # fmt: skip
