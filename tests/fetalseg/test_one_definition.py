@@ -18,6 +18,13 @@ NETWORK_PATTERNS = [
     re.compile(r"monai\.networks\.nets\s+import"),
     re.compile(r"\"network_def\"\s*:"),
 ]
+# (file, pattern) pairs that name the network without defining one, each with its reason
+NETWORK_ALLOWED = {
+    ("privacy/encrypted_inference/layers.py", r"monai\.networks\.nets\s+import"):
+        "imports UNet only for isinstance checks while walking the module tree Bundle.network() built",
+    ("privacy/encrypted_inference/protocol.py", r"\"network_def\"\s*:"):
+        "hashes the bundle's own network_def (read from its parser) into the two parties' model fingerprint",
+}  # fmt: skip
 # raw 3D layers: banned in the project's code; tests may build one-layer toys (e.g. to show BatchNorm is refused)
 LAYER_PATTERN = re.compile(r"\bnn\.Conv3d\s*\(|\bConvTranspose3d\s*\(")
 # three or more FeTA tissue names paired with their label values in one file = a second label table
@@ -56,13 +63,20 @@ def _project_files(suffixes):
 def test_no_second_network_definition():
     offenders = [
         f"{rel}: {pat.pattern}" for rel, text in _project_files({".py", ".json"}) for pat in NETWORK_PATTERNS
-        if pat.search(text)
+        if pat.search(text) and (rel.as_posix(), pat.pattern) not in NETWORK_ALLOWED
     ]  # fmt: skip
     offenders += [
         f"{rel}: {LAYER_PATTERN.pattern}" for rel, text in _project_files({".py"})
         if rel.parts[0] != "tests" and LAYER_PATTERN.search(text)
     ]  # fmt: skip
     assert not offenders, "network defined outside the bundle:\n" + "\n".join(offenders)
+
+
+def test_every_allowed_mention_still_exists():
+    """An allowance whose file no longer mentions the pattern is stale: remove it, so the list stays short."""
+    texts = dict(_project_files({".py"}))
+    stale = [f for f, pat in NETWORK_ALLOWED if not re.search(pat, texts.get(Path(f), ""))]
+    assert not stale, f"stale NETWORK_ALLOWED entries: {stale}"
 
 
 def test_no_second_label_table():
