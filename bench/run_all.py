@@ -54,6 +54,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                                                 "--specs", "all", "norm+bias+head", "--max-minutes", "5"]),
     "scale": ("bench_scale.py", ["--sites", "2", "3", "--threads", "1", "--fault-sites", "3", "--dead", "1",
                                  "--straggler-wait", "20"]),
+    "pacs": ("bench_pacs.py", ["--sizes", "32", "--repeats", "1"]),
     "site_models": ("bench_site_models.py", ["--sites", "2", "--cases", "8", "--public-cases", "4",
                                              "--pretrain-epochs", "1", "--local-epochs", "1", "--alone-epochs", "1"]),
     "poisoning": ("bench_poisoning.py", ["--sites", "4", "--rounds", "1", "--local-epochs", "1",

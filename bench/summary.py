@@ -395,6 +395,21 @@ def subspace_capacity(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def pacs(d: dict[str, Any]) -> list[Row]:
+    """bench_pacs.py (issue 22 part 1): the PACS round trip per volume size; the DICOM SEG read back must equal the
+    label map voxel by voxel (no time goal was set)."""
+    return [
+        Row(
+            "pacs",
+            f"{r['size']}³: fetch series / write SEG / store SEG (s, median of {r['repeats']})",
+            f"{r['fetch_series_s']:.2f} / {r['seg_write_s']:.2f} / {r['seg_stow_s']:.2f}; SEG {r['seg_mb']:.2f} MB",
+            "SEG read back == label",
+            _verdict(bool(r["equal"])),
+        )
+        for r in d["rows"]
+    ]
+
+
 def site_models(d: dict[str, Any]) -> list[Row]:
     """bench_site_models.py: the model each site serves (a global model + the site's local part) against non-private
     FedAvg on that site (issue 24: within 0.02) and against the site training alone (must be better), worst site."""
@@ -576,7 +591,8 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "encrypted_inference_64": encrypted_inference,  # the goal's whole 64³ volume (8 windows), encrypted weights
     "poisoning": poisoning,
     "poisoning_clip": poisoning,  # the same with clip_update_norm for every method
-    "site_models": site_models,  # DP global + local part vs FedAvg vs the site alone
+    "site_models": site_models,
+    "pacs": pacs,  # PACS round trip with a real Orthanc  # DP global + local part vs FedAvg vs the site alone
 }
 
 
