@@ -13,7 +13,7 @@ import tempfile
 import qt
 import slicer
 import vtk
-from FetalBrainSegLib.errors import FetalBrainSegError
+from FetalBrainSegLib.errors import FetalBrainSegError, QcConfirmationRequiredError
 from FetalBrainSegLib.volumeio import Volume
 from FetalBrainSegLib.workflow import Workflow
 from slicer.ScriptedLoadableModule import *
@@ -127,7 +127,16 @@ class FetalBrainSegWidget(ScriptedLoadableModuleWidget):
             setSource(self.logic.imageNode)
 
     def onSubmit(self):
-        self._run(_("Sending the correction..."), self.logic.submitCorrection)
+        def submit():
+            try:
+                return self.logic.submitCorrection()
+            except QcConfirmationRequiredError as e:  # tissue volumes far from the norm for the gestational age
+                question = _("{reason}\n\nUse this correction for fine-tuning and federated training anyway?")
+                if not slicer.util.confirmYesNoDisplay(question.format(reason=e)):
+                    return _("Correction not sent (volumes outside the normal range). Check it and submit again.")
+                return self.logic.submitCorrection(confirmQc=True)
+
+        self._run(_("Sending the correction..."), submit)
 
     def onFineTune(self):
         if self._run(_("Starting fine-tuning..."), self.logic.startFineTune):
@@ -238,7 +247,9 @@ class FetalBrainSegLogic(ScriptedLoadableModuleLogic):
         node.SetReferenceImageGeometryParameterFromVolumeNode(self.imageNode)
         node.CreateDefaultDisplayNodes()
         self.segmentationNode = node
-        return _("Segmented. Correct the tissues in the Segment Editor below, then press 'Submit correction'.")
+        message = _("Segmented. Correct the tissues in the Segment Editor below, then press 'Submit correction'.")
+        # the server's check of the tissue volumes against the normal range for the gestational age, next to the case
+        return message + ("\n" + auto.qc.summary_text() if auto.qc else "")
 
     def correctionFromScene(self):
         """The segmentation node as a label Volume on the image grid (server values, matched by segment id/name)."""
@@ -255,8 +266,8 @@ class FetalBrainSegLogic(ScriptedLoadableModuleLogic):
         array = self.workflow.labels.compose(masks, shape=tuple(self.workflow.case.geometry.shape))
         return Volume(array, ijkToRas(self.imageNode))
 
-    def submitCorrection(self):
-        return self.workflow.submit(self.correctionFromScene()).message
+    def submitCorrection(self, confirmQc=False):
+        return self.workflow.submit(self.correctionFromScene(), confirm_qc=confirmQc).message
 
     def resendPending(self):
         return self.workflow.resend_pending().message
