@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -250,3 +251,16 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen, *, timeout: float = 20.0) -> None:
+    """Terminate ``process``, wait up to ``timeout`` s, then kill it: a server that ignores SIGTERM never outlives
+    whoever started it (the one copy of this for the app launcher, Orthanc and the tests)."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)

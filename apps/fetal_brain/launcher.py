@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 
 from apps.fetal_brain.cli import server_argv
-from fetalseg.plumbing import free_port
+from fetalseg.plumbing import free_port, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,7 @@ class LocalServer:
         children = []
         with contextlib.suppress(psutil.NoSuchProcess):
             children = psutil.Process(self.process.pid).children(recursive=True)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
         for child in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from fetalseg.plumbing import atomic_write_json, free_port
+from fetalseg.plumbing import atomic_write_json, free_port, stop_process
 
 PACKAGES = {"orthanc": "Orthanc", "orthanc-dicomweb": "libOrthancDicomWeb.so"}
 _BINARY_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
@@ -103,13 +103,7 @@ class Orthanc:
 
     def stop(self) -> None:
         """Stop the server (its storage stays in ``workdir`` until the caller removes it)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 def write_config(workdir: Path, *, port: int, user: str, password: str, plugin: Path) -> Path:

@@ -173,3 +173,19 @@ def test_nvflares_persisted_global_model_format_loads_without_an_allow_list(tmp_
     torch.save({"model": model, "meta_props": meta, "train_conf": {"train": {"model": "FetalBrainNet"}}}, path)
     loaded = load_checkpoint_file(path)
     assert torch.equal(loaded["model"]["w"], model["w"]) and loaded["meta_props"] == meta
+
+
+def test_stop_process_kills_a_child_that_ignores_sigterm() -> None:
+    import subprocess
+    import sys
+
+    from fetalseg.plumbing import stop_process
+
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"  # the handler is installed before we stop it
+    stop_process(child, timeout=0.5)
+    assert child.returncode is not None and child.returncode < 0  # killed by a signal, not exited by itself
+    stop_process(child)  # stopping a stopped process is a no-op
