@@ -177,6 +177,9 @@ class FetalDatastore(LocalDatastore):
         check_tag(label_tag)
         self.image_file(label_id)
         super().remove_label(label_id, label_tag)
+        # stock MONAI Label refreshes its index only without auto-reload (else when the file watcher fires): refresh
+        # now, so a listing right after the DELETE no longer shows the label
+        self.refresh()
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         check_tag(label_tag)
