@@ -10,8 +10,20 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from fetalseg.paths import bundle_dir
+
+
+class Code(NamedTuple):
+    """A coded concept (DICOM: CodingSchemeDesignator, CodeValue, CodeMeaning), e.g. a SNOMED CT anatomy code."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+    def as_dicom(self) -> dict[str, str]:
+        return {"CodeValue": self.value, "CodingSchemeDesignator": self.scheme, "CodeMeaning": self.meaning}
 
 
 @dataclass(frozen=True)
@@ -21,6 +33,8 @@ class Label:
     value: int
     name: str  # machine name, e.g. "white_matter"
     color: tuple[int, int, int]  # RGB 0..255
+    category_code: Code | None = None  # DICOM SEG segmented property category (metadata.json "label_codes")
+    type_code: Code | None = None  # DICOM SEG segmented property type: the tissue's anatomic code
 
     @property
     def display_name(self) -> str:
@@ -36,10 +50,14 @@ def _load(root: Path) -> tuple[Label, ...]:
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     colors = meta.get("label_colors", {})
+    codes = meta.get("label_codes", {})
     labels = []
     for key in sorted(channel_def, key=int):
         rgb = tuple(int(c) for c in colors.get(key, (128, 128, 128)))
-        labels.append(Label(value=int(key), name=str(channel_def[key]), color=rgb))  # type: ignore[arg-type]
+        coded = {
+            f"{k}_code": Code(*(str(v) for v in codes[key][k])) for k in ("category", "type") if k in codes.get(key, {})
+        }
+        labels.append(Label(value=int(key), name=str(channel_def[key]), color=rgb, **coded))  # type: ignore[arg-type]
     values = [lab.value for lab in labels]
     if values != list(range(len(values))):
         raise ValueError(f"bundle labels must be 0..N-1 without gaps, got {values}")

@@ -11,9 +11,9 @@ metadata requires ``pydicom>=2.3,!=2.4.0``; newer releases not checked) but adds
 Empty tissues are not written (a SEG segment needs at least one frame); an all-background label
 map has no DICOM SEG form and raises :class:`EmptySegmentationError`.
 
-Coded concepts: segment types use SNOMED CT codes where the mapping is unambiguous (CSF, ventricles, cerebellum,
-brainstem); the others are coded as the generic "Tissue" with the tissue's name in SegmentLabel — check them
-against DICOM CID 7150/7140 before relying on the codes rather than the names.
+Coded concepts: each segment's category and type codes are the bundle's (``label_codes`` in its metadata.json, read
+by :mod:`fetalseg.labels`; SNOMED CT / FMA codes of DICOM CID 7153 and 7140), so a viewer or a query can tell
+cortex from white matter by code, not only by name. A label without codes in the bundle is refused.
 """
 
 from __future__ import annotations
@@ -29,22 +29,6 @@ from fetalseg.labels import foreground_labels
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 CONTENT_LABEL = "FETAL_BRAIN"
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_ANATOMY = {"CodeValue": "91723000", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"}
-_SUBSTANCE = {"CodeValue": "91720002", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Body Substance"}
-_TISSUE = {"CodeValue": "85756007", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Tissue"}
-_TISSUE_CATEGORY = {"CodeValue": "85756007", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Tissue"}
-_CODES: dict[str, tuple[dict[str, str], dict[str, str]]] = {  # label name -> (category, type)
-    "external_csf": (
-        _SUBSTANCE,
-        {"CodeValue": "65216001", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Cerebrospinal fluid"},
-    ),
-    "ventricles": (
-        _ANATOMY,
-        {"CodeValue": "35764002", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Cerebral ventricle"},
-    ),
-    "cerebellum": (_ANATOMY, {"CodeValue": "113305005", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Cerebellum"}),
-    "brainstem": (_ANATOMY, {"CodeValue": "15926001", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Brainstem"}),
-}
 TAG_DESCRIPTIONS = {"original": "model result", "final": "correction"}
 
 
@@ -64,7 +48,8 @@ def template(*, tag: str, algorithm: str, creator: str = "fetal-fl") -> object:
     automatic = tag == "original"
     segments = []
     for lab in foreground_labels():
-        category, kind = _CODES.get(lab.name, (_TISSUE_CATEGORY, _TISSUE))
+        if lab.category_code is None or lab.type_code is None:
+            raise ValueError(f"label {lab.name!r} has no DICOM codes in the bundle's metadata.json (label_codes)")
         segments.append(
             {
                 "labelID": int(lab.value),
@@ -72,8 +57,8 @@ def template(*, tag: str, algorithm: str, creator: str = "fetal-fl") -> object:
                 "SegmentDescription": lab.name,
                 "SegmentAlgorithmType": "AUTOMATIC" if automatic else "SEMIAUTOMATIC",
                 "SegmentAlgorithmName": algorithm[:64],
-                "SegmentedPropertyCategoryCodeSequence": category,
-                "SegmentedPropertyTypeCodeSequence": kind,
+                "SegmentedPropertyCategoryCodeSequence": lab.category_code.as_dicom(),
+                "SegmentedPropertyTypeCodeSequence": lab.type_code.as_dicom(),
                 "recommendedDisplayRGBValue": [int(c) for c in lab.color],
             }
         )
