@@ -32,6 +32,8 @@ the sum) cannot be combined with ``median``, ``trimmed_mean`` or server-side cli
 ``server.secure_aggregation`` (:mod:`nvflare_jobs.secure_aggregation`, docs/secure_aggregation.md) turns on pairwise
 masking: ``{"enabled": true, "threshold": 2}``; ``threshold`` (default: a bare majority of the sites) must be a strict
 majority of the sites and at most their number; ``frac_bits`` (default 16) is the fixed-point precision.
+``"method": "he"`` (default ``"masking"``) uses NVFlare's homomorphic encryption (TenSEAL CKKS) instead; what it
+cannot run with is refused by :func:`nvflare_jobs.secure_aggregation.he.check_he_config`.
 """
 
 from __future__ import annotations
@@ -330,7 +332,7 @@ def _check_secure_aggregation(sa: Any, *, sites: Sequence[str], robust: bool, fi
         return False, 0, 0
     if not isinstance(sa, Mapping):
         raise ConfigError(f"server.secure_aggregation must be an object such as {{'enabled': true}}, got {sa!r}")
-    _check_keys("server.secure_aggregation", sa, ["enabled", "threshold", "frac_bits"])
+    _check_keys("server.secure_aggregation", sa, ["enabled", "method", "threshold", "frac_bits"])
     enabled = sa.get("enabled", False)
     if not isinstance(enabled, bool):
         raise ConfigError(f"server.secure_aggregation.enabled must be true or false, got {enabled!r}")
@@ -403,6 +405,7 @@ class JobConfig:
     secure_aggregation: bool = False
     secagg_threshold: int = 0
     secagg_frac_bits: int = 0
+    secagg_method: str = "masking"  # or "he": NVFlare's homomorphic encryption (nvflare_jobs.secure_aggregation.he)
 
     @property
     def robust_aggregation(self) -> bool:
@@ -532,8 +535,11 @@ class JobConfig:
                 "task_request_interval_s",
                 "aggregation",
                 "secure_aggregation",
+                "resume_on_restart",
             ],
         )
+        if not isinstance(server.get("resume_on_restart", True), bool):  # read by nvflare_jobs.resume at restart
+            raise ConfigError(f"server.resume_on_restart must be true or false, got {server['resume_on_restart']!r}")
         max_norm = float(
             _number("server.max_update_norm", server.get("max_update_norm", 1.0e3), low=0, strict_low=True)
         )
@@ -588,11 +594,25 @@ class JobConfig:
                 f"initial_checkpoint must be a path to a bundle checkpoint or null, got {initial_checkpoint!r}"
             )
 
+        from nvflare_jobs.secure_aggregation.distributed import check_distributed_dp
+
+        check_distributed_dp(  # privacy.dp_sgd.distributed: each site adds σ/√t of the sum's noise
+            d, secure_aggregation=secure_aggregation, local_epochs=local_epochs, local_parameters=local_parameters
+        )
         if algorithm == "fedprox" and (dp_sgd is not None or any(v is not None for v in site_dp.values())):
             # Opacus computes per-sample gradients of the data loss only; the proximal term's gradient would be
             # dropped from the private update, so the combination is refused rather than silently changed.
             raise ConfigError("fedprox cannot be combined with privacy.dp_sgd (the proximal term is not per-sample)")
 
+        from nvflare_jobs.secure_aggregation.he import check_he_config
+
+        secagg_method, he_threshold = check_he_config(
+            server.get("secure_aggregation") if secure_aggregation else None,
+            algorithm=algorithm,
+            cross_site_eval=cse,
+            local_fine_tune_epochs=local_fine_tune_epochs,
+        )
+        secagg_threshold = he_threshold if secagg_method == "he" else secagg_threshold
         return cls(
             raw=d,
             name=name,
@@ -633,6 +653,7 @@ class JobConfig:
             secure_aggregation=secure_aggregation,
             secagg_threshold=secagg_threshold,
             secagg_frac_bits=secagg_frac_bits,
+            secagg_method=secagg_method,
         )
 
     # ------------------------------------------------------------------------------------------------------

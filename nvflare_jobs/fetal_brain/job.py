@@ -283,9 +283,13 @@ def build_recipe(
     *,
     per_site_config: Mapping[str, Mapping[str, Any]] | None = None,
     command: str = "python3 -u",
-) -> FetalBrainRecipe:
+) -> Any:
     """The recipe for ``config`` (a :class:`JobConfig`, a dict, or a JSON/YAML file)."""
     cfg = config if isinstance(config, JobConfig) else load_config(config)
+    if cfg.secure_aggregation and cfg.secagg_method == "he":  # NVFlare's HE workflow (its own server side)
+        from nvflare_jobs.secure_aggregation.he import FetalBrainHERecipe
+
+        return FetalBrainHERecipe(cfg, per_site_config=per_site_config, command=command)
     return FetalBrainRecipe(cfg, per_site_config=per_site_config, command=command)
 
 
