@@ -3,19 +3,21 @@ the one rule that finds its data folder.
 
 In core so that every part that runs at a site (the federated client, the privacy filters, the app) reads them
 the same way without importing each other: a hospital sets these once in its client's environment and never edits
-a job config.
+a job config. The variables are read by :class:`fetalseg.settings.SiteSettings` (``FETAL_FL_*``; the older
+``FETALFL_*`` names still work, with a deprecation warning).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
-ENV_SITE_DATA = "FETALFL_SITE_DATA"  # a site's own data folder (wins over everything)
-ENV_DATA_ROOT = "FETALFL_DATA_ROOT"  # parent folder holding <site name>/ (wins over the job config's data.root)
-ENV_SITE_STATE = "FETALFL_SITE_STATE"  # where a site keeps per-job state that must survive a client restart
-ENV_PRIVACY_LEDGER = "FETALFL_PRIVACY_LEDGER"  # a site's privacy ledger (privacy.ledger.SiteLedger), across jobs
+from fetalseg.settings import SiteSettings, env_names
+
+ENV_SITE_DATA = env_names(SiteSettings, "site_data")[0]  # a site's own data folder (wins over everything)
+ENV_DATA_ROOT = env_names(SiteSettings, "data_root")[0]  # parent folder holding <site name>/ (wins over data.root)
+ENV_SITE_STATE = env_names(SiteSettings, "site_state")[0]  # per-job state that must survive a client restart
+ENV_PRIVACY_LEDGER = env_names(SiteSettings, "privacy_ledger")[0]  # a site's privacy ledger, across jobs
 
 
 class SiteDataError(ValueError):
@@ -23,15 +25,15 @@ class SiteDataError(ValueError):
 
 
 def site_data_dir(site: str, data_root: str | Path | None, *, environ: Mapping[str, str] | None = None) -> Path:
-    """Where ``site`` finds its cases: ``$FETALFL_SITE_DATA``, else ``<$FETALFL_DATA_ROOT or data_root>/<site>``.
+    """Where ``site`` finds its cases: ``$FETAL_FL_SITE_DATA``, else ``<$FETAL_FL_DATA_ROOT or data_root>/<site>``.
 
     ``data_root`` is the job's ``data.root`` (for simulations where all sites share one machine); ``environ``
     defaults to this process's environment.
     """
-    env = os.environ if environ is None else environ
-    if env.get(ENV_SITE_DATA):
-        return Path(env[ENV_SITE_DATA]).expanduser()
-    root = env.get(ENV_DATA_ROOT) or data_root
+    settings = SiteSettings.load(environ)
+    if settings.site_data:
+        return Path(settings.site_data).expanduser()
+    root = settings.data_root or data_root
     if not root:
         raise SiteDataError(
             f"site {site!r} has no data folder: set {ENV_SITE_DATA} (the site's folder) or {ENV_DATA_ROOT} "
@@ -43,3 +45,13 @@ def site_data_dir(site: str, data_root: str | Path | None, *, environ: Mapping[s
 def site_dataset_id(site: str, data_dir: str | Path) -> str:
     """The dataset a site's privacy ledger charges for training on ``data_dir``: ``<site>/<data folder name>``."""
     return f"{site}/{Path(data_dir).name}"
+
+
+def site_state(environ: Mapping[str, str] | None = None) -> Path | None:
+    """``$FETAL_FL_SITE_STATE`` as a path, or None when unset."""
+    return SiteSettings.load(environ).state_dir
+
+
+def privacy_ledger(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$FETAL_FL_PRIVACY_LEDGER``, or None when unset."""
+    return SiteSettings.load(environ).privacy_ledger

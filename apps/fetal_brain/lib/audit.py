@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fetalseg.plumbing import append_jsonl
+from fetalseg.settings import AuditSettings
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ DEFAULT_AUDIT_LOG = Path("~/.fetal-fl/audit/monailabel.jsonl")
 
 def audit_log_path(value: str | os.PathLike[str] | None = None) -> Path:
     """``value``, else ``$FETAL_FL_APP_AUDIT_LOG``, else ``~/.fetal-fl/audit/monailabel.jsonl``."""
-    text = str(value) if value else os.environ.get("FETAL_FL_APP_AUDIT_LOG") or str(DEFAULT_AUDIT_LOG)
+    text = str(value) if value else AuditSettings.load().app_audit_log or str(DEFAULT_AUDIT_LOG)
     return Path(text).expanduser().resolve()
 
 

@@ -23,21 +23,20 @@ import re
 import secrets
 import threading
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fetalseg.plumbing import atomic_write_json
+from fetalseg.settings import UsersSettings, env_names
 
 ROLES = ("annotator", "trainer", "admin")
 TOKEN_PREFIX = "fbt"
 DEFAULT_USERS_FILE = Path("~/.fetal-fl/app_users.json")
 # the app's ``users_file`` setting as an environment variable (``apps.fetal_brain.lib.config.ENV_PREFIX`` + key)
-USERS_FILE_ENV = "FETAL_BRAIN_USERS_FILE"
 # the old name, which ``fetal-fl app user`` read and the server did not: still honoured, with a deprecation warning
-DEPRECATED_USERS_FILE_ENV = "FETAL_FL_USERS_FILE"
+USERS_FILE_ENV, DEPRECATED_USERS_FILE_ENV = env_names(UsersSettings, "users_file")
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 HEALTH_PATH = "/health"
 PUBLIC = {("GET", HEALTH_PATH), ("HEAD", HEALTH_PATH)}
@@ -104,18 +103,9 @@ def users_file(value: str | os.PathLike[str] | None = None, *, env: Mapping[str,
 
     ``value`` (``--conf users_file`` / ``--users-file``), else ``$FETAL_BRAIN_USERS_FILE`` (the app's setting, as
     every other ``FETAL_BRAIN_<KEY>``), else the deprecated ``$FETAL_FL_USERS_FILE`` (with a warning), else
-    ``~/.fetal-fl/app_users.json``. ``env`` defaults to ``os.environ``.
+    ``~/.fetal-fl/app_users.json`` (:class:`fetalseg.settings.UsersSettings`). ``env`` defaults to ``os.environ``.
     """
-    env = os.environ if env is None else env
-    text = str(value) if value else env.get(USERS_FILE_ENV, "")
-    old = env.get(DEPRECATED_USERS_FILE_ENV, "")
-    if old and not text:
-        message = f"${DEPRECATED_USERS_FILE_ENV} is deprecated: set ${USERS_FILE_ENV} (what the server reads) instead"
-        warnings.warn(message, DeprecationWarning, stacklevel=2)
-        log.warning(message)
-        text = old
-    elif old and Path(old).expanduser().resolve() != Path(text).expanduser().resolve():
-        log.warning("ignoring the deprecated $%s=%s: the users file is %s", DEPRECATED_USERS_FILE_ENV, old, text)
+    text = str(value) if value else UsersSettings.load(env).users_file
     return Path(text or DEFAULT_USERS_FILE).expanduser().resolve()
 
 

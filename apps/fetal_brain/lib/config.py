@@ -3,7 +3,9 @@
 Why both: ``--conf`` is the MONAI Label way and reaches the training subprocess too (MONAI Label passes it on
 through its environment); the environment variables let scripts and tests configure a server they start without
 building a command line. ``--conf`` wins over the environment. Unknown keys are logged, not silently ignored, so
-a typo in a key is visible in the server log.
+a typo in a key is visible in the server log. :class:`AppConfig` is one pydantic-settings model
+(:class:`fetalseg.settings.EnvSettings`): one typed field per key, a bad value is one ``ValueError`` naming the key
+(or the variable it came from). docs/configuration.md lists the variables (generated from the fields, test-checked).
 
 Keys (all optional):
 
@@ -56,14 +58,16 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from apps.fetal_brain.lib.auth import users_file as resolve_users_file
 from fetalseg.bundle import Bundle, variants
+from fetalseg.settings import EnvSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -73,126 +77,169 @@ LOCAL_PART_FILE = "local_part.pt"
 PUBLISH_POLICIES = ("if_better", "always")
 # keys MONAI Label itself (or its sample apps) put into conf; accepted without a warning
 _MONAILABEL_KEYS = {"server_mode", "models", "preload", "skip_trainers", "skip_strategies", "skip_scoring"}
-_KEYS = {
-    "variant",
-    "pixdim",
-    "patch_size",
-    "sw_overlap",
-    "infer_roi_size",
-    "bundle_overrides",
-    "model_path",
-    "local_part_path",
-    "device",
-    "max_upload_mb",
-    "infer_workers",
-    "allow_remote",
-    "train_publish",
-    "entropy_candidates",
-    "auth",
-    "users_file",
-    "cors_origins",
-    "audit_log",
-    "prepared_cache_mb",
-    "prepare_on_start",
-    "pacs_credentials",
-    "pacs_cache",
-    "pacs_timeout_s",
-    "pacs_user",  # environment only (FETAL_BRAIN_PACS_USER / FETAL_BRAIN_PACS_PASSWORD)
-    "pacs_password",
-}
-_ENV_ONLY = {"pacs_password"}
+_ENV_ONLY = {"pacs_user", "pacs_password"}
+Triple = tuple[int, int, int]
 
 
-@dataclass(frozen=True)
-class AppConfig:
-    """Parsed, checked settings of one server (see the module docstring for each key)."""
+class AppConfig(EnvSettings):
+    """Parsed, checked settings of one server: one field per key (see the module docstring), ``FETAL_BRAIN_<KEY>``
+    in the environment, ``--conf`` winning. Build it with :meth:`from_conf`."""
 
-    variant: str | None = None
-    bundle_overrides: dict[str, Any] = field(default_factory=dict)
-    model_path: Path | None = None
-    local_part_path: Path | None = None
-    device: str = "cpu"
-    max_upload_bytes: int = 1024 * 2**20
-    infer_workers: int = 1
-    allow_remote: bool = False
-    train_publish: str = "if_better"
-    entropy_candidates: int = 8
-    infer_roi_size: tuple[int, int, int] | None = None
-    auth: bool = False
-    users_file: Path | None = None
-    cors_origins: tuple[str, ...] = ()
-    audit_log: Path | None = None
-    prepared_cache_bytes: int = 512 * 2**20
-    prepare_on_start: bool = True
-    pacs_credentials: Path | None = None
-    pacs_cache: Path | None = None
-    pacs_timeout_s: float = 30.0
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+
+    variant: str | None = Field(None, description="a bundle variant overlay (`configs/variants/<name>.json`)")
+    pixdim: tuple[float, float, float] | None = Field(None, description="voxel size in mm (`4` or `4,4,4`)")
+    patch_size: Triple | None = Field(None, description="training patch (`32` or `32,32,32`, multiples of 16)")
+    sw_overlap: float | None = Field(None, ge=0.0, le=0.95, description="sliding-window overlap (0..0.95)")
+    infer_roi_size: Triple | None = Field(None, description="sliding-window ROI for inference only (`80,80,96`)")
+    bundle_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="JSON object of bundle config ids -> values"
+    )
+    model_path: Path | None = Field(None, description="the served checkpoint (default: the bundle's)")
+    local_part_path: Path | None = Field(None, description="this site's local part, loaded over the served model")
+    device: str = Field("auto", validate_default=True, description="`auto`, `cpu`, `cuda`, `cuda:N`")
+    max_upload_mb: float = Field(1024, ge=0.001, description="larger uploads get HTTP 413")
+    infer_workers: int = Field(1, ge=1, le=16, description="inferences that run at the same time")
+    allow_remote: bool = Field(False, description="serve clients that are not on this machine")
+    train_publish: Literal["if_better", "always"] = Field(
+        "if_better", description="publish a fine-tuned model only if it is not worse (`if_better`), or `always`"
+    )
+    entropy_candidates: int = Field(8, ge=1, le=1000, description="unlabelled images scored per `entropy` call")
+    auth: bool = Field(False, description="require a bearer token on every route but `/health`")
+    users_file: Path | None = Field(None, description="the users/tokens file (`fetal-fl app user add` writes it)")
+    cors_origins: tuple[str, ...] = Field((), description="comma-separated browser origins allowed by CORS")
+    audit_log: Path | None = Field(None, description="who saved which label and started which training")
+    prepared_cache_mb: float = Field(512, ge=0, le=2**20, description="memory for pre-processed images; 0: off")
+    prepare_on_start: bool = Field(True, description="prepare every study at server start, in the background")
+    pacs_credentials: Path | None = Field(None, description='a JSON file `{"user", "password"}`, mode 0600')
+    pacs_cache: Path | None = Field(None, description="local folder of fetched series and labels")
+    pacs_timeout_s: float = Field(30.0, ge=0.1, le=3600, description="PACS request timeout in seconds")
+    pacs_user: str | None = Field(None, repr=False, description="PACS user (environment only, never `--conf`)")
+    pacs_password: SecretStr | None = Field(
+        None, repr=False, description="PACS password (environment only, never `--conf`)"
+    )
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None) -> AppConfig:
-        """Merge ``FETAL_BRAIN_*`` environment variables and ``conf`` (which wins); raise ValueError if invalid."""
-        env = os.environ if env is None else env
-        raw: dict[str, Any] = {
-            k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX) and v != ""
-        }
-        on_command_line = sorted(_ENV_ONLY & {str(k) for k in (conf or {})})
+        """``FETAL_BRAIN_*`` variables of ``env`` (default ``os.environ``) with ``conf`` winning; ValueError if bad."""
+        conf = {str(k): v for k, v in (conf or {}).items()}
+        on_command_line = sorted(_ENV_ONLY & set(conf))
         if on_command_line:
-            raise ValueError(
+            raise SettingsError(
                 f"{on_command_line} must not be passed with --conf (visible to every user of the machine): use "
                 "--conf pacs_credentials <file> or the FETAL_BRAIN_PACS_USER / FETAL_BRAIN_PACS_PASSWORD environment"
             )
-        raw.update({str(k): v for k, v in (conf or {}).items()})
-        unknown = sorted(set(raw) - _KEYS - _MONAILABEL_KEYS)
+        env_keys = {
+            k[len(ENV_PREFIX) :].lower() for k in (os.environ if env is None else env) if k.startswith(ENV_PREFIX)
+        }
+        unknown = sorted((set(conf) | env_keys) - set(cls.model_fields) - _MONAILABEL_KEYS)
         if unknown:
-            log.warning("ignoring unknown app settings %s (known: %s)", unknown, sorted(_KEYS))
+            log.warning("ignoring unknown app settings %s (known: %s)", unknown, sorted(cls.model_fields))
+        values = {k: v for k, v in conf.items() if k in cls.model_fields and v not in (None, "")}
+        return cls.load(env, **values)
 
-        overrides = _json_object(raw.get("bundle_overrides"), "bundle_overrides")
-        if "pixdim" in raw:
-            overrides["pixdim"] = _triple(raw["pixdim"], "pixdim", float, minimum=0.01)
-        if "patch_size" in raw:
-            overrides["patch_size"] = _triple(raw["patch_size"], "patch_size", int, minimum=16, multiple=16)
-        if "patch_size" in overrides:  # a smaller/larger model patch: inference windows follow unless set
-            overrides.setdefault("sw_roi_size", overrides["patch_size"])
-        if "sw_overlap" in raw:
-            overrides["sw_overlap"] = _number(raw["sw_overlap"], "sw_overlap", float, low=0.0, high=0.95)
-        publish = str(raw.get("train_publish", "if_better")).strip().lower()
-        if publish not in PUBLISH_POLICIES:
-            raise ValueError(f"train_publish must be one of {PUBLISH_POLICIES}, got {publish!r}")
-        model_path = raw.get("model_path")
-        local_part_path = raw.get("local_part_path")
-        variant = str(raw["variant"]).strip() if raw.get("variant") not in (None, "") else None
-        if variant is not None and variant not in variants():
-            raise ValueError(f"unknown bundle variant {variant!r}; available: {', '.join(variants()) or 'none'}")
-        return cls(
-            variant=variant,
-            bundle_overrides=overrides,
-            model_path=Path(str(model_path)).expanduser().resolve() if model_path else None,
-            local_part_path=Path(str(local_part_path)).expanduser().resolve() if local_part_path else None,
-            device=_device(str(raw.get("device", "auto"))),
-            max_upload_bytes=int(_number(raw.get("max_upload_mb", 1024), "max_upload_mb", float, low=0.001) * 2**20),
-            infer_workers=int(_number(raw.get("infer_workers", 1), "infer_workers", int, low=1, high=16)),
-            allow_remote=_bool(raw.get("allow_remote", False), "allow_remote"),
-            train_publish=publish,
-            infer_roi_size=(
-                tuple(_triple(raw["infer_roi_size"], "infer_roi_size", int, minimum=16, multiple=16))
-                if raw.get("infer_roi_size") not in (None, "")
-                else None
-            ),
-            auth=_bool(raw.get("auth", False), "auth"),
-            users_file=resolve_users_file(raw["users_file"]) if raw.get("users_file") else None,
-            cors_origins=_origins(raw.get("cors_origins")),
-            audit_log=Path(str(raw["audit_log"])).expanduser().resolve() if raw.get("audit_log") else None,
-            entropy_candidates=int(
-                _number(raw.get("entropy_candidates", 8), "entropy_candidates", int, low=1, high=1000)
-            ),
-            prepared_cache_bytes=int(
-                _number(raw.get("prepared_cache_mb", 512), "prepared_cache_mb", float, low=0, high=2**20) * 2**20
-            ),
-            prepare_on_start=_bool(raw.get("prepare_on_start", True), "prepare_on_start"),
-            pacs_credentials=_path(raw.get("pacs_credentials")),
-            pacs_cache=_path(raw.get("pacs_cache")),
-            pacs_timeout_s=_number(raw.get("pacs_timeout_s", 30), "pacs_timeout_s", float, low=0.1, high=3600),
-        )
+    @property
+    def max_upload_bytes(self) -> int:
+        """``max_upload_mb`` in bytes."""
+        return int(self.max_upload_mb * 2**20)
+
+    @property
+    def prepared_cache_bytes(self) -> int:
+        """``prepared_cache_mb`` in bytes."""
+        return int(self.prepared_cache_mb * 2**20)
+
+    @field_validator("variant", mode="before")
+    @classmethod
+    def _variant(cls, value: Any) -> str | None:
+        text = str(value).strip() if value is not None else ""
+        if not text:
+            return None
+        if text not in variants():
+            raise ValueError(f"unknown bundle variant {text!r}; available: {', '.join(variants()) or 'none'}")
+        return text
+
+    @field_validator("pixdim", mode="before")
+    @classmethod
+    def _pixdim(cls, value: Any, info: ValidationInfo) -> list[float] | None:
+        return _triple(value, str(info.field_name), float, minimum=0.01)
+
+    @field_validator("patch_size", "infer_roi_size", mode="before")
+    @classmethod
+    def _grid(cls, value: Any, info: ValidationInfo) -> list[int] | None:
+        return _triple(value, str(info.field_name), int, minimum=16, multiple=16)
+
+    @field_validator("bundle_overrides", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> dict[str, Any]:
+        if value in (None, ""):
+            return {}
+        if isinstance(value, Mapping):
+            return dict(value)
+        try:
+            parsed = json.loads(str(value))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"bundle_overrides must be a JSON object, got {value!r} ({exc})") from exc
+        if not isinstance(parsed, dict):
+            raise ValueError(f"bundle_overrides must be a JSON object, got {type(parsed).__name__}")
+        return parsed
+
+    @field_validator("model_path", "local_part_path", "audit_log", "pacs_credentials", "pacs_cache", mode="before")
+    @classmethod
+    def _resolved(cls, value: Any) -> Path | None:
+        return Path(str(value)).expanduser().resolve() if value not in (None, "") else None
+
+    @field_validator("users_file", mode="before")
+    @classmethod
+    def _users_file(cls, value: Any) -> Path | None:
+        return resolve_users_file(str(value)) if value not in (None, "") else None
+
+    @field_validator("train_publish", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> str:
+        return str(value).strip().lower()
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> tuple[str, ...]:
+        """``"https://a.example, http://b:8080"`` -> checked origins (scheme://host[:port], no path, no wildcard)."""
+        if value in (None, ""):
+            return ()
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        origins = []
+        for item in (str(i).strip().rstrip("/") for i in items):
+            if not item:
+                continue
+            if item == "*" or not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+$", item):
+                raise ValueError(f"cors_origins entries must look like https://host[:port] (no '*'), got {item!r}")
+            origins.append(item)
+        return tuple(origins)
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if text == "cpu":
+            return text
+        if text.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {text!r} requested but CUDA is not available on this machine")
+            return text
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+    @model_validator(mode="after")
+    def _into_bundle_overrides(self) -> AppConfig:
+        """pixdim / patch_size / sw_overlap become bundle overrides; a patch size carries the inference window."""
+        if self.pixdim is not None:
+            self.bundle_overrides["pixdim"] = list(self.pixdim)
+        if self.patch_size is not None:
+            self.bundle_overrides["patch_size"] = list(self.patch_size)
+        if "patch_size" in self.bundle_overrides:
+            self.bundle_overrides.setdefault("sw_roi_size", self.bundle_overrides["patch_size"])
+        if self.sw_overlap is not None:
+            self.bundle_overrides["sw_overlap"] = self.sw_overlap
+        return self
 
     def bundle(self, purpose: str = "inference", **extra: Any) -> Bundle:
         """The bundle parsed for ``purpose`` with this server's overrides (plus ``extra`` overrides)."""
@@ -211,26 +258,10 @@ class AppConfig:
         return self.resolved_model_path(bundle).with_name(LOCAL_PART_FILE)
 
 
-def _path(value: Any) -> Path | None:
-    return Path(str(value)).expanduser().resolve() if value not in (None, "") else None
-
-
-def _json_object(value: Any, name: str) -> dict[str, Any]:
-    if value in (None, ""):
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    try:
-        parsed = json.loads(str(value))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{name} must be a JSON object, got {value!r} ({exc})") from exc
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{name} must be a JSON object, got {type(parsed).__name__}")
-    return parsed
-
-
-def _triple(value: Any, name: str, kind: type, *, minimum: float, multiple: int | None = None) -> list:
+def _triple(value: Any, name: str, kind: type, *, minimum: float, multiple: int | None = None) -> list | None:
     """``4`` / ``"4"`` / ``"4,4,4"`` / ``"[4, 4, 4]"`` / ``[4, 4, 4]`` -> three values of ``kind``."""
+    if value is None or value == "":
+        return None
     if isinstance(value, str):
         text = value.strip().strip("[]()")
         parts: list[Any] = [p for p in text.replace(",", " ").split() if p]
@@ -253,54 +284,3 @@ def _triple(value: Any, name: str, kind: type, *, minimum: float, multiple: int 
     if multiple and any(v % multiple for v in values):
         raise ValueError(f"{name} values must be multiples of {multiple} (the bundle's 16*n input shape), got {values}")
     return values
-
-
-def _number(value: Any, name: str, kind: type, *, low: float | None = None, high: float | None = None) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a number, got {value!r}") from exc
-    if kind is int and number != int(number):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if (low is not None and number < low) or (high is not None and number > high):
-        raise ValueError(f"{name} must be within [{low}, {high}], got {value!r}")
-    return number
-
-
-def _bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-def _origins(value: Any) -> tuple[str, ...]:
-    """``"https://a.example, http://b:8080"`` -> checked origins (scheme://host[:port], no path, no wildcard)."""
-    if value in (None, ""):
-        return ()
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    origins = []
-    for item in (str(i).strip().rstrip("/") for i in items):
-        if not item:
-            continue
-        if item == "*" or not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+$", item):
-            raise ValueError(f"cors_origins entries must look like https://host[:port] (no '*'), got {item!r}")
-        origins.append(item)
-    return tuple(origins)
-
-
-def _device(value: str) -> str:
-    value = value.strip().lower()
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if value == "cpu":
-        return value
-    if value.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {value!r} requested but CUDA is not available on this machine")
-        return value
-    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")

@@ -96,3 +96,32 @@ def test_prepared_cache_size_in_megabytes_and_zero_turns_it_off():
 def test_studies_are_prepared_at_start_unless_turned_off():
     assert AppConfig.from_conf({}, env={}).prepare_on_start is True
     assert AppConfig.from_conf({"prepare_on_start": "false"}, env={}).prepare_on_start is False
+
+
+def test_a_bad_environment_value_names_the_variable_and_conf_wins_over_it():
+    with pytest.raises(ValueError, match=r"FETAL_BRAIN_INFER_WORKERS: .*'many'"):
+        AppConfig.from_conf({}, env={"FETAL_BRAIN_INFER_WORKERS": "many"})
+    with pytest.raises(ValueError, match="FETAL_BRAIN_PIXDIM: pixdim needs 1 or 3 values"):
+        AppConfig.from_conf({}, env={"FETAL_BRAIN_PIXDIM": "1,2"})
+    # the bad environment value is never parsed when --conf gives the key
+    assert AppConfig.from_conf({"infer_workers": "2"}, env={"FETAL_BRAIN_INFER_WORKERS": "many"}).infer_workers == 2
+    config = AppConfig.from_conf({"pixdim": "4"}, env={"FETAL_BRAIN_PIXDIM": "2,2,2", "FETAL_BRAIN_SW_OVERLAP": "0.5"})
+    assert config.bundle_overrides["pixdim"] == [4.0, 4.0, 4.0] and config.bundle_overrides["sw_overlap"] == 0.5
+
+
+def test_unknown_environment_variables_of_the_prefix_are_logged(caplog):
+    AppConfig.from_conf({}, env={"FETAL_BRAIN_PIXDIMM": "4"})
+    assert "pixdimm" in caplog.text
+
+
+def test_every_app_setting_is_documented():
+    """docs/configuration.md's app table is generated from AppConfig's fields (regenerate with
+    ``markdown_table((AppConfig,))`` from fetalseg.settings)."""
+    from fetalseg.paths import REPO_ROOT
+    from fetalseg.settings import markdown_table
+
+    page = (REPO_ROOT / "docs" / "configuration.md").read_text()
+    start, end = "<!-- app-settings-table:start -->", "<!-- app-settings-table:end -->"
+    documented = page.split(start, 1)[1].split(end, 1)[0].strip() if start in page else ""
+    expected = markdown_table((AppConfig,))
+    assert documented == expected, f"docs/configuration.md is out of date; expected:\n{expected}"
