@@ -95,6 +95,14 @@ class DPSGDConfig:
     augmentation_multiplicity: int = 1
     ema_decay: float | None = None
     seed: int | None = None  # reproducible noise and sampling: tests only (a known seed voids the guarantee)
+    # Distributed DP under secure aggregation (privacy.secure_aggregation.distributed_dp): the noise above is what
+    # the unmasked SUM carries against the server alone; this site adds σ/√threshold. The job fills in the sites and
+    # the threshold (nvflare_jobs.plan); colluding_sites is the SITE's choice of what its ledger is charged for
+    # (None: every other site may collude with the server = the local-DP ε of σ/√threshold).
+    distributed: bool = False
+    distributed_sites: int | None = None
+    distributed_threshold: int | None = None
+    colluding_sites: int | None = None
 
     def __post_init__(self) -> None:
         _positive_or_none("noise_multiplier", self.noise_multiplier)
@@ -131,6 +139,41 @@ class DPSGDConfig:
                 f"are averaged before clipping there), got {self.grad_sample_mode!r}"
             )
         check_ema_decay(self.ema_decay)
+        self._check_distributed()
+
+    def _check_distributed(self) -> None:
+        """Distributed DP's ε holds only when the sum the server unmasks is linear in each site's noised gradient
+        sum taken at the public global model: one full-batch DP-GD step per round (Poisson batches would differ in
+        size per site, several local steps would take gradients at points only the site knows) and no EMA."""
+        if not isinstance(self.distributed, bool):
+            raise ValueError(f"distributed must be true or false, got {self.distributed!r}")
+        bound = (self.distributed_sites, self.distributed_threshold, self.colluding_sites)
+        if not self.distributed:
+            if any(v is not None for v in bound):
+                raise ValueError("distributed_sites / distributed_threshold / colluding_sites need distributed: true")
+            return
+        from privacy.secure_aggregation.distributed_dp import check_colluding, check_sites_threshold
+
+        if not self.full_batch:
+            raise ValueError(
+                "distributed: true needs full_batch: true (one DP-GD step over every case per round; the noise of "
+                "the sites adds up only for one gradient per site per round, taken at the global model)"
+            )
+        if self.ema_decay is not None:
+            raise ValueError(
+                "distributed: true cannot be combined with ema_decay (the sent weights would not be linear)"
+            )
+        if self.planned_steps is not None:
+            raise ValueError("distributed: true takes the job's plan (one step per round); remove planned_steps")
+        if self.planned_rounds is not None and self.local_epochs != 1:
+            raise ValueError(f"distributed: true needs one local epoch per round, got local_epochs={self.local_epochs}")
+        if (self.distributed_sites is None) != (self.distributed_threshold is None):
+            raise ValueError("distributed_sites and distributed_threshold go together (filled in by the job)")
+        if self.distributed_sites is not None:
+            check_sites_threshold(self.distributed_sites, self.distributed_threshold)  # type: ignore[arg-type]
+            check_colluding(self.colluding_sites, self.distributed_sites)
+        elif self.colluding_sites is not None:
+            raise ValueError("colluding_sites needs distributed_sites (filled in by the job)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DPSGDConfig:

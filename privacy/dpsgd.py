@@ -32,8 +32,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ from privacy.ema import IterateEMA
 from privacy.full_batch import FullBatchLoader
 from privacy.ledger import DatasetStatus, PrivacyBudgetExceeded, SiteLedger
 from privacy.multiplicity import MultiViewDataset
+from privacy.secure_aggregation.distributed_dp import DistributedNoise
 
 log = logging.getLogger(__name__)
 
@@ -513,6 +515,15 @@ class SitePrivacyEngine:
             )
         else:  # DPSGDConfig refuses this; never train with an undefined noise
             raise ValueError("target_epsilon needs a plan (planned_steps or planned_rounds + local_epochs)")
+        # Distributed DP (privacy.secure_aggregation.distributed_dp): the σ above is what the unmasked sum carries;
+        # this site adds σ/√t, and its accountant counts the noise its trust level leaves (σ_site√max(1, t − c)).
+        self.distributed = _distributed_noise(config, self.noise_multiplier)
+        if self.distributed is not None:
+            self.noise_multiplier = self.distributed.site_noise_multiplier
+            self.accounting_noise_multiplier = self.distributed.charged_noise_multiplier
+        else:
+            self.accounting_noise_multiplier = self.noise_multiplier
+        self.measured_noise_multipliers: list[float] = []  # per step, distributed DP only (read from the gradients)
         self.max_grad_norm = float(config.max_grad_norm)
         self.state_path = Path(state_path) if state_path is not None else None
         self._accountant = create_accountant(mechanism=config.accountant)
@@ -566,7 +577,7 @@ class SitePrivacyEngine:
     def epsilon_after(self, steps: int) -> float:
         """ε this engine would have spent after ``steps`` steps in total (for planning)."""
         return epsilon_for_history(
-            [(self.noise_multiplier, self.sample_rate, int(steps))],
+            [(self.accounting_noise_multiplier, self.sample_rate, int(steps))],
             delta=self.config.delta,
             accountant=self.config.accountant,  # type: ignore[arg-type]
         )
@@ -600,7 +611,27 @@ class SitePrivacyEngine:
             "scope": SCOPE,
             "noise_source": self.noise_source,
             "not_covered": NOT_COVERED,
+            **self.distributed_report(),
         }
+
+    def distributed_report(self, extra_history: Sequence[tuple[float, float, int]] = ()) -> dict[str, Any]:
+        """``{"distributed_dp": ...}`` (empty without distributed DP): the noise shares, ε against the server alone,
+        against the server + every other site (local DP) and the charged ε, so far and planned, each composed with
+        ``extra_history`` (the site's other releases, e.g. noised metrics), and the noise measured at each step."""
+        d = self.distributed
+        if d is None:
+            return {}
+        kw = {"sample_rate": self.sample_rate, "delta": self.config.delta, "accountant": self.config.accountant}
+        out: dict[str, Any] = d.describe()
+        out.update(d.epsilons(steps=self.steps, extra_history=list(extra_history), **kw))  # type: ignore[arg-type]
+        if self.planned_steps is not None:
+            planned = d.epsilons(steps=self.planned_steps, extra_history=list(extra_history), **kw)  # type: ignore[arg-type]
+            out.update({f"planned_{k}": v for k, v in planned.items()})
+        out["composed_with_other_releases"] = bool(extra_history)
+        m = self.measured_noise_multipliers
+        out["measured_noise_multiplier_last"] = m[-1] if m else None
+        out["measured_steps"] = len(m)
+        return {"distributed_dp": out}
 
     def summary(self) -> str:
         """The job's ε in one plain sentence, with what it covers and what it does not (for logs and reports)."""
@@ -664,7 +695,19 @@ class SitePrivacyEngine:
             sample_rate=self.sample_rate,
             accountant=self.config.accountant,
             scope=SCOPE,
+            **self.ledger_details(planned=True),
         )
+
+    def ledger_details(self, extra_history: Sequence[tuple[float, float, int]] = (), *, planned: bool = False):
+        """What a ledger entry adds under distributed DP (nothing otherwise): both ε values beside the charged one."""
+        rep = self.distributed_report(extra_history).get("distributed_dp")
+        if rep is None:
+            return {}
+        prefix = "planned_" if planned else ""
+        keys = ("sites", "threshold", "colluding_sites", "site_noise_multiplier", "charged_noise_multiplier")
+        out = {k: rep[k] for k in keys}
+        out.update({k: rep.get(f"{prefix}{k}") for k in ("epsilon_server", "epsilon_local", "epsilon_charged")})
+        return {"distributed_dp": out}
 
     def release(self, ledger: SiteLedger, *, dataset_id: str, job_id: str) -> float:
         """At the job's clean end (after its last :meth:`record`): give back the unspent part of its reservation.
@@ -689,6 +732,7 @@ class SitePrivacyEngine:
             noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate,
             scope=SCOPE,
+            **self.ledger_details(),
         )
 
     # -- wrapping --------------------------------------------------------------------------------------------------
@@ -731,6 +775,13 @@ class SitePrivacyEngine:
             )
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("every parameter of the model is frozen: DP-SGD would release noise and train nothing")
+        if self.distributed is not None and type(optimizer) is not torch.optim.SGD:
+            # the sum of the sites' updates must be linear in their noised gradients for the noise to add up:
+            # Adam(W) divides each site's step by its own noisy second moment
+            raise ValueError(
+                f"distributed DP needs torch.optim.SGD at the site (a linear update), got {type(optimizer).__name__}: "
+                'set bundle_overrides {"optimizer#_target_": "torch.optim.SGD"}'
+            )
         views = self.config.augmentation_multiplicity
         if views > 1:
             dataset = MultiViewDataset(dataset, views)
@@ -817,7 +868,9 @@ class SitePrivacyEngine:
 
     # -- state -----------------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
+        extra = {} if self.distributed is None else {"distributed_dp": self.distributed.describe()}
         return {
+            **extra,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "max_grad_norm": self.max_grad_norm,
@@ -890,8 +943,25 @@ class SitePrivacyEngine:
             raise RuntimeError("noise multiplier or clip norm changed after make_private; ε would not match the plan")
         self._check_planned_steps_left()
         self._pending_batches -= 1
-        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        if self.distributed is not None:
+            self._measure_noise(optimizer)
+        self._accountant.step(noise_multiplier=self.accounting_noise_multiplier, sample_rate=self.sample_rate)
         self.save_state()
+
+    def _measure_noise(self, optimizer: DPOptimizer) -> None:
+        """The noise this step added, read back from the gradients (noised and scaled grad × batch − clipped sum):
+        its std ÷ the clip norm is the noise multiplier actually applied (tests and reports check it is σ/√t)."""
+        scale = float(optimizer.expected_batch_size * optimizer.accumulated_iterations)
+        total, count = 0.0, 0
+        for p in optimizer.params:
+            summed = getattr(p, "summed_grad", None)
+            if p.grad is None or summed is None:
+                continue
+            noise = p.grad.detach().double() * scale - summed.detach().double().view_as(p.grad)
+            total += float((noise * noise).sum())
+            count += noise.numel()
+        if count:
+            self.measured_noise_multipliers.append(math.sqrt(total / count) / self.max_grad_norm)
 
     def _noise_only_step(self) -> None:
         """An empty Poisson draw: release noise only (a real DP-SGD step with zero gradients), accounted."""
@@ -912,6 +982,23 @@ class SitePrivacyEngine:
         self.empty_steps += 1
         self.save_state()
         log.debug("empty Poisson draw: noise-only step %d (accounted)", self.steps)
+
+
+def _distributed_noise(config: DPSGDConfig, noise_multiplier: float) -> DistributedNoise | None:
+    """The site's share of distributed DP's noise (None when the config is not distributed)."""
+    if not config.distributed:
+        return None
+    if config.distributed_sites is None or config.distributed_threshold is None:
+        raise ValueError(
+            "distributed DP needs the job's number of sites and secure-aggregation threshold (nvflare_jobs.plan "
+            "fills them in from server.secure_aggregation); refusing to guess the noise share"
+        )
+    return DistributedNoise(
+        sites=config.distributed_sites,
+        threshold=config.distributed_threshold,
+        noise_multiplier=noise_multiplier,
+        colluding_sites=config.colluding_sites,
+    )
 
 
 def _new_generator(seed: int | None, device: torch.device) -> torch.Generator:

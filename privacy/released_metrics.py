@@ -282,7 +282,7 @@ class SiteMetricsRelease:
         if not (self.noising and self.max_releases):
             return e.planned_epsilon  # nothing but DP-SGD's steps is planned
         planned = [
-            (e.noise_multiplier, e.sample_rate, int(e.planned_steps)),
+            (e.accounting_noise_multiplier, e.sample_rate, int(e.planned_steps)),
             (float(self.policy.noise_multiplier), 1.0, self.max_releases),  # type: ignore[arg-type]
         ]
         return self._epsilon(planned)
@@ -307,6 +307,8 @@ class SiteMetricsRelease:
             "epsilon_share": max(total - sgd, 0.0),
             "withheld": sorted(self.withheld),
         }
+        if self.releases:  # distributed DP: its ε values composed with the metric releases, like ``epsilon``
+            rep.update(self.engine.distributed_report(self.history))
         return rep
 
     # -- ledger -----------------------------------------------------------------------------------------------------
@@ -326,6 +328,7 @@ class SiteMetricsRelease:
             accountant=self.accountant,
             metrics_noise_multiplier=self.policy.noise_multiplier,
             metrics_max_releases=self.max_releases,
+            **self.engine.ledger_details(self._planned_history(), planned=True),  # type: ignore[union-attr]
         )
 
     def record(self, ledger: Any, *, job_id: str, dataset_id: str, round: int, scope: str) -> Any:
@@ -346,4 +349,11 @@ class SiteMetricsRelease:
             scope=scope,
             metrics_releases=self.releases,
             metrics_noise_multiplier=self.policy.noise_multiplier,
+            **e.ledger_details(self.history),  # distributed DP: ε against the server alone and local, composed
         )
+
+    def _planned_history(self) -> list[tuple[float, float, int]]:
+        """The planned metric releases in the accountant's format (empty when the metrics are withheld)."""
+        if not (self.noising and self.max_releases):
+            return []
+        return [(float(self.policy.noise_multiplier), 1.0, self.max_releases)]  # type: ignore[arg-type]
