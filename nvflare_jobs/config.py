@@ -41,11 +41,20 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# a site's variables (data folder, data root, per-job state, ledger), read by fetalseg.settings.SiteSettings
+from fetalseg.site_env import (  # noqa: F401
+    ENV_DATA_ROOT,
+    ENV_PRIVACY_LEDGER,
+    ENV_SITE_DATA,
+    ENV_SITE_STATE,
+    SiteDataError,
+    site_data_dir,
+)
 
 ALGORITHMS = ("fedavg", "fedprox", "fedopt")
 AGGREGATION_METHODS = ("mean", "trimmed_mean", "median")  # nvflare_jobs.robust_aggregation.METHODS
@@ -62,10 +71,6 @@ TRACKERS = ("tensorboard", None)
 DEFAULT_TASK_REQUEST_INTERVAL_S = 0.1
 CONFIG_FILE_NAME = "fetal_fl_job.json"  # name of the config inside an exported job's custom/ folder
 
-ENV_SITE_DATA = "FETALFL_SITE_DATA"  # a site's own data folder (wins over everything)
-ENV_DATA_ROOT = "FETALFL_DATA_ROOT"  # parent folder holding <site name>/ (wins over the job config's data.root)
-ENV_SITE_STATE = "FETALFL_SITE_STATE"  # where a site keeps per-job state that must survive a client restart
-ENV_PRIVACY_LEDGER = "FETALFL_PRIVACY_LEDGER"  # a site's privacy ledger (privacy.ledger.SiteLedger), across jobs
 # where the client puts privacy.dpsgd.SitePrivacyEngine.report() in an update's meta (checked by site_policy)
 DP_REPORT_KEY = "dp_sgd"
 
@@ -706,18 +711,12 @@ def load_config(source: str | Path | Mapping[str, Any]) -> JobConfig:
 
 
 def resolve_site_data(config: JobConfig, site: str, *, environ: Mapping[str, str] | None = None) -> Path:
-    """Where ``site`` finds its cases: ``$FETALFL_SITE_DATA``, else ``<$FETALFL_DATA_ROOT or data.root>/<site>``.
+    """Where ``site`` finds its cases: ``$FETAL_FL_SITE_DATA``, else ``<$FETAL_FL_DATA_ROOT or data.root>/<site>``.
 
-    A hospital sets ``FETALFL_SITE_DATA`` once in its client's environment and never edits job configs; the job
-    config's ``data.root`` is for simulations where all sites share one machine.
+    A hospital sets ``FETAL_FL_SITE_DATA`` once in its client's environment and never edits job configs; the job
+    config's ``data.root`` is for simulations where all sites share one machine (:func:`site_data_dir`).
     """
-    env = os.environ if environ is None else environ
-    if env.get(ENV_SITE_DATA):
-        return Path(env[ENV_SITE_DATA]).expanduser()
-    root = env.get(ENV_DATA_ROOT) or config.data_root
-    if not root:
-        raise ConfigError(
-            f"site {site!r} has no data folder: set {ENV_SITE_DATA} (the site's folder) or {ENV_DATA_ROOT} "
-            "(a folder containing <site name>/), or data.root in the job config"
-        )
-    return Path(root).expanduser() / site
+    try:
+        return site_data_dir(site, config.data_root, environ=environ)
+    except SiteDataError as e:
+        raise ConfigError(str(e)) from None
