@@ -17,6 +17,12 @@ how the server's cost grows with the number of sites.
 
     python bench/bench_secure_aggregation.py                      # both parts (3 rounds; 3, 10, 30 sites)
     python bench/bench_secure_aggregation.py --rounds 2 --scale-sites 3 10 --out /tmp/sa.md   # smaller
+    python bench/bench_secure_aggregation.py --he --rounds 2 --long-steps 0 --scale-sites 3 --repeats 1 \
+        --out bench/results/secure_aggregation_he.md    # + NVFlare's HE option (TenSEAL CKKS) in the same run
+
+With ``--he`` the simulation also runs the job with ``"method": "he"`` (its TenSEAL contexts written into the
+simulator workspace's ``startup/``, as NVFlare's HEBuilder would provision them); its ciphertext travels inside the
+result envelope, so its bytes are the envelopes alone (there is no server audit record of a ciphertext).
 
 Writes bench/results/secure_aggregation.md and .json.
 """
@@ -67,7 +73,7 @@ def round_windows(server_log: str) -> list[dict[str, Any]]:
         s = re.search(r"Round (\d+) started\.", line)
         if s and last is not None:
             marks.append((last, int(s.group(1))))
-        if "Finished FedAvg." in line and last is not None:
+        if ("Finished FedAvg." in line or "Finished ScatterAndGather Training." in line) and last is not None:
             marks.append((last, None))
     out = []
     for (t0, r), (t1, _) in itertools.pairwise(marks):
@@ -93,7 +99,8 @@ def key_agreement_seconds(server_log: str, n_sites: int) -> float | None:
 
 def site_bytes(run: Path, windows: list[dict[str, Any]], sites: list[str]) -> dict[int, dict[str, dict[str, int]]]:
     out = {w["round"]: {s: {"payload": 0, "envelopes": 0} for s in sites} for w in windows}
-    for rec in (run / "server" / "audit" / "received.jsonl").read_text().splitlines():
+    audit = run / "server" / "audit" / "received.jsonl"  # none under HE: the ciphertext travels in the envelope
+    for rec in audit.read_text().splitlines() if audit.exists() else []:
         row = json.loads(rec)
         if row.get("site") in sites and row.get("round") in out:
             out[row["round"]][row["site"]]["payload"] += int(row["bytes"])
@@ -118,7 +125,10 @@ def simulate(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]
     if not data.exists():
         write_federation(data, n_sites=args.sim_sites, cases_per_site=4, shape=(32, 32, 32), seed=0)
     runs = {}
-    for name, server in (("plain", {}), ("secure", {"secure_aggregation": {"enabled": True}})):
+    methods = [("plain", {}), ("secure", {"secure_aggregation": {"enabled": True}})]
+    if args.he:  # NVFlare's homomorphic encryption (nvflare_jobs.secure_aggregation.he), the same config otherwise
+        methods.append(("he", {"secure_aggregation": {"enabled": True, "method": "he"}}))
+    for name, server in methods:
         cfg = {
             "name": f"bench_sa_{name}_{steps}",
             "num_rounds": args.rounds,
@@ -133,6 +143,10 @@ def simulate(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]
             "cross_site_eval": False,
             "runtime": {"external_process": True, "torch_threads": 1, "init_seed": 0},
         }
+        if name == "he":  # the TenSEAL contexts NVFlare's HEBuilder would provision, in the simulator's startup/
+            from nvflare_jobs.secure_aggregation.he import prepare_simulator_workspace
+
+            prepare_simulator_workspace(work / f"{name}_{steps}", cfg["name"])
         t0 = time.perf_counter()
         job = run_simulation(cfg, work / f"{name}_{steps}")
         wall = time.perf_counter() - t0
@@ -160,7 +174,17 @@ def simulate(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]
         return statistics.mean(v["payload"] + v["envelopes"] for v in b.values())
 
     byte_ratios = [per_site("secure", r) / per_site("plain", r) for r in later if r in runs["secure"]["bytes"]]
+    he = {}
+    if "he" in runs:
+        he_rounds = [r for r in later if r < len(runs["he"]["rounds"]) and r < len(runs["plain"]["rounds"])]
+        he_t = [runs["he"]["rounds"][r]["seconds"] / runs["plain"]["rounds"][r]["seconds"] for r in he_rounds]
+        he_b = [per_site("he", r) / per_site("plain", r) for r in he_rounds if r in runs["he"]["bytes"]]
+        he = {
+            "he_time_ratio_median": statistics.median(he_t) if he_t else None,
+            "he_bytes_ratio_median": statistics.median(he_b) if he_b else None,
+        }
     return {
+        **he,
         "sites": sites,
         "steps_per_round": steps,
         "runs": runs,
@@ -263,6 +287,36 @@ def _by_round(table: dict[Any, Any], r: int) -> Any:
     return table[r] if r in table else table[str(r)]  # int keys in memory, str keys once read back from JSON
 
 
+def he_table(sim: dict[str, Any]) -> list[str]:
+    """Rows for NVFlare's HE option beside plain FedAvg and masking (same run)."""
+    runs = sim["runs"]
+    out = [
+        "",
+        'NVFlare homomorphic encryption (`"method": "he"`, TenSEAL CKKS) in the same run:',
+        "",
+        "| round | plain s | masking s | HE s | HE ÷ plain | plain bytes/site | masking bytes/site | HE bytes/site "
+        "| HE ÷ plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p, m, h in zip(runs["plain"]["rounds"], runs["secure"]["rounds"], runs["he"]["rounds"]):
+        r = p["round"]
+        b = {
+            k: statistics.mean(v["payload"] + v["envelopes"] for v in _by_round(runs[k]["bytes"], r).values())
+            for k in ("plain", "secure", "he")
+        }
+        note = " (start-up)" if r == 0 else ""
+        out.append(
+            f"| {r}{note} | {p['seconds']:.2f} | {m['seconds']:.2f} | {h['seconds']:.2f} | "
+            f"{h['seconds'] / p['seconds']:.2f}× | {b['plain']:,.0f} | {b['secure']:,.0f} | {b['he']:,.0f} | "
+            f"{b['he'] / b['plain']:.1f}× |"
+        )
+    th, bh = sim.get("he_time_ratio_median"), sim.get("he_bytes_ratio_median")
+    if th is not None and bh is not None:
+        out += ["", f"HE, rounds 1+ (median): time **{th:.2f}×** plain, bytes per site **{bh:.1f}×** plain."]
+    out.append("")
+    return out
+
+
 def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     lines = ["# Secure aggregation: cost against plain FedAvg (issue 20)", ""]
     lines.append(f"Measured {result['date']} on {result['machine']} (`{result['command']}`).")
@@ -289,6 +343,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
             ps, ss = p["seconds"], s["seconds"]
             lines.append(f"| {r}{note} | {ps:.2f} | {ss:.2f} | {ss / ps:.2f}× ({ss - ps:+.2f} s) "
                          f"| {bp:,.0f} | {bs:,.0f} | {bs / bp:.4f}× |")  # fmt: skip
+        if "he" in runs:
+            lines += he_table(sim)
         tr, br = sim["time_ratio_median"], sim["bytes_ratio_median"]
         lines += [
             "",
@@ -339,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2, help="local steps per round of the short simulation")
     ap.add_argument("--long-steps", type=int, default=40, help="local steps per round of the long one (0: none)")
     ap.add_argument("--skip-simulation", action="store_true")
+    ap.add_argument("--he", action="store_true", help="also run the job under NVFlare's HE option (same run)")
     ap.add_argument("--out", default=str(RESULTS / "secure_aggregation.md"))
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from its .json, measuring nothing")
     args = ap.parse_args(argv)

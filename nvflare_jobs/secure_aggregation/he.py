@@ -133,6 +133,26 @@ def make_contexts(poly_modulus_degree: int = 8192, coeff_mod_bit_sizes: Sequence
     return ser(False), ser(True)
 
 
+HE_BUILDER = "nvflare.lighter.impl.he.HEBuilder"
+
+
+def add_he_builder(project_file: str | Path) -> Path:
+    """Insert NVFlare's ``HEBuilder`` before ``SignatureBuilder`` in a provisioning ``project.yml`` (in place), so
+    ``nvflare provision`` / ``nvflare poc prepare -i`` write the contexts into the kits and sign them. Needed with
+    ``poc prepare -i``: NVFlare 2.9 ignores its ``-he`` flag when a project file is given."""
+    import yaml
+
+    project_file = Path(project_file)
+    project = yaml.safe_load(project_file.read_text())
+    builders = project["builders"]
+    if not any(b.get("path") == HE_BUILDER for b in builders):
+        names = [b.get("path", "") for b in builders]
+        at = next((i for i, n in enumerate(names) if n.endswith("SignatureBuilder")), len(builders))
+        builders.insert(at, {"path": HE_BUILDER, "args": {}})
+        project_file.write_text(yaml.safe_dump(project, sort_keys=False))
+    return project_file
+
+
 def prepare_simulator_workspace(workspace_root: str | Path, job_name: str) -> Path:
     """Write both contexts into the simulator workspace's ``startup/`` (NVFlare copies it to every participant):
     the simulator then runs an HE job. Test/benchmark use only: here the server process could read the secret key."""

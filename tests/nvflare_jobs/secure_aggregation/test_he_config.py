@@ -78,3 +78,22 @@ def test_a_chain_without_the_encryptor_is_refused() -> None:
                                  {"tasks": ["validate"], "filters": [{"path": "a.B"}]}]},
         "train",
     )  # fmt: skip
+
+
+def test_the_server_refuses_a_plaintext_update_and_passes_ciphertext() -> None:
+    import numpy as np
+    import tenseal as ts
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.fl_context import FLContext
+
+    from nvflare_jobs.secure_aggregation.he import HECiphertextCheck, make_contexts
+
+    check = HECiphertextCheck()
+    plain = DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(4, dtype=np.float32)}).to_shareable()
+    with pytest.raises(ValueError, match="plaintext"):
+        check.process(plain, FLContext())
+    _, client = make_contexts()
+    ctx = ts.context_from(client)
+    enc = DXO(DataKind.WEIGHT_DIFF, data={"w": ts.ckks_vector(ctx, [1.0, 2.0])}).to_shareable()
+    assert check.process(enc, FLContext()) is enc
+    assert ts.context_from(make_contexts()[0]).has_secret_key() is False  # the server's context cannot decrypt
