@@ -159,10 +159,22 @@ def cmd_export_cases(args: argparse.Namespace) -> int:
     from apps.fetal_brain.lib.datastore import FetalDatastore
     from apps.fetal_brain.lib.exchange import export_cases
 
-    studies = Path(args.studies).expanduser()
-    if not studies.is_dir():
-        raise FileNotFoundError(f"studies folder {studies} does not exist")
-    datastore = FetalDatastore(studies, auto_reload=False)
+    studies = str(args.studies)
+    if studies.startswith(("http://", "https://")):  # the PACS the app serves (docs/pacs.md): same settings
+        from apps.fetal_brain.lib.config import AppConfig
+        from apps.fetal_brain.lib.dicomweb_store import open_pacs_datastore
+
+        datastore = open_pacs_datastore(studies, AppConfig.from_conf(dict(_conf(args))))
+        datastore.remote_series(fresh=True)  # a PACS that is down or refuses us: its reason, not "no cases"
+        result = export_cases(datastore, args.out, site=args.site, overwrite=args.overwrite)
+        # corrections in the PACS that were not used (QC flags not confirmed, unreadable SEG, ...), with the reason
+        result["not_used_from_pacs"] = datastore.not_pulled
+        _print_json(result)
+        return 0
+    folder = Path(studies).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"studies folder {folder} does not exist")
+    datastore = FetalDatastore(folder, auto_reload=False)
     _print_json(export_cases(datastore, args.out, site=args.site, overwrite=args.overwrite))
     return 0
 
@@ -298,12 +310,23 @@ def register(subparsers: Any) -> None:
         "export-cases",
         help="export corrected cases as a dataset folder for federated training",
         description="Write every image with a final (corrected) label as images/<id>.nii.gz + labels/<id>.nii.gz, "
-        "checked and read back with fetalseg's load_dataset. The folder stays on this site.",
+        "checked and read back with fetalseg's load_dataset. The folder stays on this site. --studies is the "
+        "server's: a folder, or the PACS's DICOMweb URL (corrections stored there as DICOM SEG are used too; "
+        "PACS credentials as for serve: --conf pacs_credentials <0600 file> or FETAL_BRAIN_PACS_USER / "
+        "FETAL_BRAIN_PACS_PASSWORD, never on the command line). A correction whose volumes the QC flagged is "
+        "exported only if the radiologist confirmed it (confirm_qc).",
     )
-    export.add_argument("--studies", required=True, help="the MONAI Label studies folder")
+    export.add_argument("--studies", required=True, help="the MONAI Label studies folder, or the PACS's DICOMweb URL")
     export.add_argument("--out", required=True, help="dataset folder to write")
     export.add_argument("--site", help="site name recorded in the manifest (default: the folder name)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
+    export.add_argument(
+        "--conf",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "VALUE"),
+        help="app setting as for serve (for a PACS: pacs_credentials, pacs_cache, pacs_timeout_s)",
+    )
     export.set_defaults(handler=cmd_export_cases)
 
     _add_user_commands(sub)

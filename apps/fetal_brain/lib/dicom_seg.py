@@ -30,6 +30,9 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 CONTENT_LABEL = "FETAL_BRAIN"
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 TAG_DESCRIPTIONS = {"original": "model result", "final": "correction"}
+# written into ContentDescription when a radiologist confirmed a correction whose volumes the QC flagged
+# (apps.fetal_brain.lib.qc): a workstation that pulls the SEG from the PACS later still knows it was confirmed
+QC_CONFIRMED = "QC flags confirmed"
 
 
 class EmptySegmentationError(UnprocessableError):
@@ -41,7 +44,12 @@ def series_description(tag: str) -> str:
     return f"Fetal brain tissues ({TAG_DESCRIPTIONS.get(tag, tag)})"
 
 
-def template(*, tag: str, algorithm: str, creator: str = "fetal-fl") -> object:
+def qc_confirmed(seg: object) -> bool:
+    """Whether a SEG written by this app records that its flagged volumes were confirmed (:data:`QC_CONFIRMED`)."""
+    return str(getattr(seg, "ContentDescription", "")).endswith(QC_CONFIRMED)
+
+
+def template(*, tag: str, algorithm: str, creator: str = "fetal-fl", confirmed: bool = False) -> object:
     """The pydicom-seg template: one segment per FeTA tissue with name, colour and codes from the bundle."""
     import pydicom_seg
 
@@ -65,7 +73,7 @@ def template(*, tag: str, algorithm: str, creator: str = "fetal-fl") -> object:
     meta = {
         "ContentCreatorName": creator,
         "ContentLabel": CONTENT_LABEL,
-        "ContentDescription": f"FeTA tissues, {TAG_DESCRIPTIONS.get(tag, tag)}",
+        "ContentDescription": f"FeTA tissues, {TAG_DESCRIPTIONS.get(tag, tag)}" + (f"; {QC_CONFIRMED}" * confirmed),
         "SeriesDescription": series_description(tag),
         "SeriesNumber": "901" if automatic else "902",
         "ClinicalTrialSeriesID": "",
@@ -102,9 +110,16 @@ def _ras_affine(image: object) -> np.ndarray:
 
 
 def label_to_seg(
-    label: np.ndarray, affine: np.ndarray, source_folder: str | Path, *, tag: str, algorithm: str
+    label: np.ndarray,
+    affine: np.ndarray,
+    source_folder: str | Path,
+    *,
+    tag: str,
+    algorithm: str,
+    qc_confirmed: bool = False,
 ) -> object:
-    """A DICOM SEG dataset for ``label`` (x, y, z array on the source series' grid, RAS ``affine``)."""
+    """A DICOM SEG dataset for ``label`` (x, y, z array on the source series' grid, RAS ``affine``);
+    ``qc_confirmed`` records that a radiologist confirmed the volumes the QC flagged."""
     import pydicom
     import pydicom_seg
     import SimpleITK as sitk
@@ -123,7 +138,7 @@ def label_to_seg(
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
     frame_of_reference = sources[0].get("FrameOfReferenceUID")  # read now: pydicom-seg overwrites it in place
     writer = pydicom_seg.MultiClassWriter(
-        template=template(tag=tag, algorithm=algorithm),
+        template=template(tag=tag, algorithm=algorithm, confirmed=qc_confirmed),
         inplane_cropping=False,
         skip_empty_slices=True,
         skip_missing_segment=False,

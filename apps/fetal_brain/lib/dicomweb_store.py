@@ -4,8 +4,12 @@ Why not stock ``DICOMWebDatastore``: it downloads whatever id it is given (no id
 binary it downloads at start-up, stores only final labels back, has no time-outs (a PACS that hangs hangs every
 request) and turns a PACS that is down into a 500. Here:
 
-* images are the PACS's MR series, id = SeriesInstanceUID (checked as an id and as a DICOM UID); an id the PACS
-  does not list is 404, so only that server's series are reachable;
+* images are the PACS's T2-weighted (reconstructed) MR series, id = SeriesInstanceUID (checked as an id and as a
+  DICOM UID); an id the PACS does not list is 404, so only that server's series are reachable. A case is a series
+  whose SeriesDescription matches ``series_pattern`` (:data:`DEFAULT_SERIES_PATTERN`: T2 / HASTE / SSFSE and the
+  usual reconstruction names); the study's other series (localisers, DWI, T1, raw stacks named otherwise) are not
+  cases. Asking for such a series, or for a study without a usable series, is a 422 that names what the study
+  holds;
 * a series is fetched once (WADO-RS) into a local cache folder, written to a staging folder and renamed into
   place, checked as a readable single 3D series; everything else (labels on the image grid, values 0..7, atomic
   writes, bounded params) is :class:`~apps.fetal_brain.lib.datastore.FetalDatastore`'s, on that cache folder;
@@ -38,15 +42,17 @@ import numpy as np
 import requests
 from monailabel.datastore.local import DataModel, ImageLabelModel
 
+from apps.fetal_brain.lib import qc as app_qc
 from apps.fetal_brain.lib.datastore import FetalDatastore
 from apps.fetal_brain.lib.dicom_seg import (
     CONTENT_LABEL,
     EmptySegmentationError,
     label_to_seg,
+    qc_confirmed,
     seg_to_label,
     series_description,
 )
-from apps.fetal_brain.lib.errors import InputError, NotFoundError
+from apps.fetal_brain.lib.errors import InputError, NotFoundError, UnprocessableError
 from apps.fetal_brain.lib.ids import check_id, check_tag
 from apps.fetal_brain.lib.volumes import image_geometry, load_image, load_label_for
 from fetalseg.data.io import MAX_DICOM_FILES, write_nifti
@@ -60,6 +66,9 @@ LIST_TTL_S = 5.0
 CONVERTED = ".nifti"  # hidden: never listed as an image
 SOURCE_FILE = ".pacs_source.json"  # which PACS a cache folder belongs to
 DEFAULT_TIMEOUT_S = 30.0
+# What a usable case is called in the PACS: a T2-weighted series (T2, HASTE, SSFSE, single shot TSE; not T2*) or a
+# reconstructed volume (SVR/SRR, NiftyMIC, NeSVoR, SVRTK, "recon"); matched anywhere in SeriesDescription, any case.
+DEFAULT_SERIES_PATTERN = r"(?i)(t2(?!\*)|haste|ss-?fse|sshtse|ssh-tse|svr|srr|niftymic|nesvor|recon)"
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -132,6 +141,7 @@ class PacsDatastore(FetalDatastore):
         modality: str = "MR",
         algorithm: str = "fetal_brain_seg",
         read_only: bool = False,
+        series_pattern: str = DEFAULT_SERIES_PATTERN,
     ) -> None:
         from dicomweb_client.api import DICOMwebClient
 
@@ -145,6 +155,10 @@ class PacsDatastore(FetalDatastore):
             raise ValueError(f"refusing to send PACS credentials over plain http to {parsed.hostname}; use https")
         self.url = url
         self.modality = modality
+        self.series_pattern = series_pattern
+        self._usable = compile_series_pattern(series_pattern)
+        self._warned_studies: set[str] = set()
+        self.not_pulled: list[dict[str, str]] = []  # corrections in the PACS left out by the last pull, and why
         self.algorithm = algorithm
         session = _TimeoutSession(timeout_s)
         if credentials:
@@ -187,8 +201,9 @@ class PacsDatastore(FetalDatastore):
         except requests.RequestException as exc:
             raise PacsUnavailableError(f"{what}: the PACS at {self.url} failed ({exc}); nothing was changed") from exc
 
-    def remote_series(self, *, fresh: bool = False) -> dict[str, dict[str, str]]:
-        """SeriesInstanceUID -> {StudyInstanceUID, PatientID, ...} of the PACS's series of ``modality``."""
+    def all_series(self, *, fresh: bool = False) -> dict[str, dict[str, str]]:
+        """SeriesInstanceUID -> {StudyInstanceUID, PatientID, SeriesDescription, ...} of EVERY series of
+        ``modality`` in the PACS (usable or not); cached for :data:`LIST_TTL_S`."""
         now = time.monotonic()
         if not fresh and self._listing is not None and now - self._listing[0] < LIST_TTL_S:
             return self._listing[1]
@@ -196,7 +211,9 @@ class PacsDatastore(FetalDatastore):
 
         found = self._call(
             "listing series",
-            lambda: self.client.search_for_series(search_filters={"Modality": self.modality}, get_remaining=True),
+            lambda: self.client.search_for_series(
+                search_filters={"Modality": self.modality}, fields=["SeriesDescription"], get_remaining=True
+            ),
         )
         series: dict[str, dict[str, str]] = {}
         for item in found:
@@ -209,7 +226,51 @@ class PacsDatastore(FetalDatastore):
                 }
                 series[uid]["SeriesInstanceUID"] = uid
         self._listing = (now, series)
+        self._warn_unusable_studies(series)
         return series
+
+    def usable(self, meta: dict[str, str]) -> bool:
+        """Whether a series is a case: its SeriesDescription matches ``series_pattern``."""
+        return bool(self._usable.search(meta.get("SeriesDescription", "")))
+
+    def remote_series(self, *, fresh: bool = False) -> dict[str, dict[str, str]]:
+        """The cases: the PACS's series of ``modality`` whose description matches ``series_pattern``."""
+        return {uid: meta for uid, meta in self.all_series(fresh=fresh).items() if self.usable(meta)}
+
+    def _warn_unusable_studies(self, series: dict[str, dict[str, str]]) -> None:
+        """Log once per study that holds MR series but none this app can use (the site admin sees why)."""
+        for study, metas in _by_study(series).items():
+            if study not in self._warned_studies and not any(self.usable(m) for m in metas):
+                self._warned_studies.add(study)
+                log.warning("%s", self._study_problem(study, metas))
+
+    def _study_problem(self, study: str, metas: list[dict[str, str]]) -> str:
+        names = sorted({repr(m.get("SeriesDescription", "")) for m in metas})
+        return (
+            f"study {study} has no T2-weighted reconstructed series (SeriesDescription matching "
+            f"pacs_series {self.series_pattern!r}); its {self.modality} series are {', '.join(names)}: it is not a "
+            "case of this app (store the T2w/SVR volume in the PACS, or set --conf pacs_series)"
+        )
+
+    def _not_a_case(self, uid: str) -> InputError | None:
+        """A clear 422 when ``uid`` is a listed series that is not a case, or a study; None when unknown."""
+        listing = self.all_series()
+        meta = listing.get(uid)
+        if meta is not None:
+            study = meta.get("StudyInstanceUID", "")
+            usable = sorted(u for u, m in listing.items() if m.get("StudyInstanceUID") == study and self.usable(m))
+            hint = f"use its T2w series {usable}" if usable else "the study has no usable series"
+            return UnprocessableError(
+                f"series {uid} ({meta.get('SeriesDescription', '')!r}) of study {study} is not a T2-weighted "
+                f"reconstructed series (pacs_series {self.series_pattern!r}): {hint}"
+            )
+        metas = _by_study(listing).get(uid)
+        if metas:
+            usable = sorted(m["SeriesInstanceUID"] for m in metas if self.usable(m))
+            if not usable:
+                return UnprocessableError(self._study_problem(uid, metas))
+            return UnprocessableError(f"{uid} is a study; image ids are its T2w series: {usable}")
+        return None
 
     def _cached(self, image_id: str) -> bool:
         obj = self._datastore.objects.get(image_id)
@@ -221,6 +282,9 @@ class PacsDatastore(FetalDatastore):
         if self._cached(uid):
             return uid
         if uid not in self.remote_series() and uid not in self.remote_series(fresh=True):  # stored just now?
+            problem = self._not_a_case(uid)
+            if problem is not None:
+                raise problem
             raise NotFoundError(f"image {uid!r} is not an {self.modality} series of the PACS at {self.url}")
         return uid
 
@@ -323,7 +387,9 @@ class PacsDatastore(FetalDatastore):
             for obj in self._datastore.objects.values()
             if "final" in obj.labels
         }
-        pulled = []
+        pulled: list[str] = []
+        refused: set[str] = set()  # images whose newest correction was refused: an older one must not stand in
+        self.not_pulled = []
         metas = [Dataset.from_json(item) for item in found]
         # newest first: of several corrections of one series in the PACS, the latest is the one kept
         metas.sort(key=lambda m: (str(m.get("SeriesDate", "")), str(m.get("SeriesTime", ""))), reverse=True)
@@ -333,12 +399,13 @@ class PacsDatastore(FetalDatastore):
             if not seg_uid or seg_uid in known or str(meta.get("SeriesDescription", "")) != series_description("final"):
                 continue
             try:
-                pulled += self._pull_one(study, seg_uid, listed)
+                pulled += self._pull_one(study, seg_uid, listed, refused)
             except InputError as exc:
+                self.not_pulled.append({"SeriesInstanceUID": seg_uid, "StudyInstanceUID": study, "problem": str(exc)})
                 log.warning("correction %s in the PACS not used: %s", seg_uid, exc)
         return pulled
 
-    def _pull_one(self, study: str, seg_uid: str, listed: dict[str, dict[str, str]]) -> list[str]:
+    def _pull_one(self, study: str, seg_uid: str, listed: dict[str, dict[str, str]], refused: set[str]) -> list[str]:
         instances = self._call(f"fetching correction {seg_uid}", lambda: self.client.retrieve_series(study, seg_uid))
         pulled = []
         for seg in instances:
@@ -346,7 +413,7 @@ class PacsDatastore(FetalDatastore):
                 continue
             refs = [str(r.SeriesInstanceUID) for r in seg.get("ReferencedSeriesSequence", [])]
             image_id = next((r for r in refs if r in listed), None)
-            if image_id is None:
+            if image_id is None or image_id in refused:
                 continue
             existing = self._datastore.objects.get(image_id)
             if existing is not None and "final" in existing.labels:
@@ -356,7 +423,16 @@ class PacsDatastore(FetalDatastore):
             staged = self._staging() / f".pulled-{os.getpid()}-{time.monotonic_ns()}.nii.gz"
             try:
                 write_nifti(label, affine, staged, dtype=np.uint8)
-                info = {"pacs": {"stored": True, "SeriesInstanceUID": seg_uid, "pulled": True}}
+                info: dict[str, Any] = {"pacs": {"stored": True, "SeriesInstanceUID": seg_uid, "pulled": True}}
+                # the rule the server applies to a saved correction, applied to one saved elsewhere: flagged
+                # volumes are used (fine-tuning, export) only if the SEG records the radiologist's confirmation
+                confirmed = qc_confirmed(seg)
+                try:
+                    info["qc"] = app_qc.check_correction(folder, staged, {app_qc.CONFIRM_PARAM: confirmed})
+                except InputError:
+                    refused.add(image_id)
+                    raise
+                info[app_qc.CONFIRM_PARAM] = confirmed
                 FetalDatastore.save_label(self, image_id, str(staged), "final", info)
             finally:
                 staged.unlink(missing_ok=True)
@@ -389,8 +465,12 @@ class PacsDatastore(FetalDatastore):
         label = load_label_for(folder, Path(label_filename))
         _, affine = image_geometry(folder)
         info = dict(label_info or {})
+        qc_report = info.get("qc")
+        confirmed = isinstance(qc_report, dict) and qc_report.get("confirmed") is True
         try:
-            seg = label_to_seg(np.asarray(label), affine, folder, tag=tag, algorithm=self.algorithm)
+            seg = label_to_seg(
+                np.asarray(label), affine, folder, tag=tag, algorithm=self.algorithm, qc_confirmed=confirmed
+            )
         except EmptySegmentationError as exc:
             info["pacs"] = {"stored": False, "reason": str(exc)}
             log.warning("label %s/%s not stored in the PACS: %s", image_id, tag, exc)
@@ -404,6 +484,21 @@ class PacsDatastore(FetalDatastore):
             }
             log.info("stored %s label of %s in the PACS as SEG series %s", tag, image_id, seg.SeriesInstanceUID)
         return super().save_label(image_id, label_filename, tag, info)
+
+
+def compile_series_pattern(pattern: str) -> re.Pattern[str]:
+    """The ``pacs_series`` regular expression, compiled; a ValueError naming the setting if it is not one."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"pacs_series {pattern!r} is not a regular expression ({exc})") from exc
+
+
+def _by_study(series: dict[str, dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    out: dict[str, list[dict[str, str]]] = {}
+    for meta in series.values():
+        out.setdefault(meta.get("StudyInstanceUID", ""), []).append(meta)
+    return out
 
 
 def _claim_cache(cache: Path, url: str) -> None:
@@ -435,4 +530,5 @@ def open_pacs_datastore(url: str, config: Any, *, read_only: bool = False) -> Pa
         credentials=read_credentials(config.pacs_credentials),
         timeout_s=config.pacs_timeout_s,
         read_only=read_only,
+        series_pattern=getattr(config, "pacs_series", None) or DEFAULT_SERIES_PATTERN,
     )
