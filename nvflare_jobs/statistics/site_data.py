@@ -10,18 +10,19 @@ lives in :mod:`privacy.statistics`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from fetalseg import site_env
 from fetalseg.data.io import read_volume
 from fetalseg.data.loaders import load_dataset
+from fetalseg.site_env import site_data_dir  # the one rule every site-side part uses (re-exported)
+from fetalseg.site_env import site_dataset_id as dataset_id  # the ledger id the training client charges
 from privacy.statistics import PatientRecords, StatisticsRequest, StatisticsRequestError, patient_histogram
 
 log = logging.getLogger(__name__)
+__all__ = ["KNOWN_FEATURES", "ORIENTATIONS", "dataset_id", "orientation_index", "patient_records", "site_data_dir"]
 
 # Orientation is a category: the index of the image's axis codes (nibabel's aff2axcodes) in this list; the last
 # bin holds every other code. The list is public (part of the code), never learned from the data.
@@ -35,16 +36,6 @@ KNOWN_FEATURES = {
     "intensity": "histogram: the patient's normalised voxel histogram inside the label (all voxels without one); "
     "scalar: the patient's mean intensity there",
 }
-
-
-def site_data_dir(site: str, data_root: str | None = None, *, environ: Mapping[str, str] | None = None) -> Path:
-    """The site's data folder, by the one rule every site-side part uses (:func:`fetalseg.site_env.site_data_dir`)."""
-    return site_env.site_data_dir(site, data_root, environ=environ)
-
-
-def dataset_id(site: str, data_dir: Path) -> str:
-    """The ledger's dataset id, the one the training client charges (:func:`fetalseg.site_env.site_dataset_id`)."""
-    return site_env.site_dataset_id(site, data_dir)
 
 
 def orientation_index(affine: np.ndarray) -> int:
