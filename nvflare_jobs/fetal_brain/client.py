@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
@@ -49,13 +48,13 @@ from fetalseg.local_part import (
     shared_part_hash,
 )
 from fetalseg.metrics import nanmean
+from fetalseg.site_env import privacy_ledger, site_state
 from fetalseg.subspace import parameter_names, trainable_view
 from fetalseg.training import build_train_dataset, build_train_loader, train_epoch
 from nvflare_jobs.config import (
     CONFIG_FILE_NAME,
     DP_REPORT_KEY,
     ENV_PRIVACY_LEDGER,
-    ENV_SITE_STATE,
     JobConfig,
     load_config,
     resolve_site_data,
@@ -187,7 +186,7 @@ class SiteTrainer:
                 "refusing to train without it"
             ) from e
         settings = dict(settings)
-        state_dir = Path(os.environ.get(ENV_SITE_STATE) or Path.cwd() / "privacy_state")
+        state_dir = site_state() or Path.cwd() / "privacy_state"
         state_path = state_dir / f"dpsgd_{self.site}_{self.job_id}.json"
         try:
             dp_config = DPSGDConfig.from_dict(settings)
@@ -199,7 +198,7 @@ class SiteTrainer:
                 batch_size=batch_size,
                 state_path=state_path,
             )
-            ledger_path = os.environ.get(ENV_PRIVACY_LEDGER)
+            ledger_path = privacy_ledger()
             if ledger_path:
                 self.ledger = SiteLedger(ledger_path)
                 # check + hold the planned ε atomically: concurrent jobs at this site cannot together overspend
@@ -422,8 +421,8 @@ class SiteTrainer:
         return self._local_finished
 
     def local_part_path(self) -> Path:
-        """``<FETALFL_SITE_STATE>/local_<site>_<job>.pt`` (the folder the DP engine keeps its state in)."""
-        state_dir = Path(os.environ.get(ENV_SITE_STATE) or Path.cwd() / "privacy_state")
+        """``<FETAL_FL_SITE_STATE>/local_<site>_<job>.pt`` (the folder the DP engine keeps its state in)."""
+        state_dir = site_state() or Path.cwd() / "privacy_state"
         return state_dir / f"local_{self.site}_{self.job_id}.pt"
 
     def save_local_part(
