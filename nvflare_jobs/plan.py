@@ -55,7 +55,10 @@ def dp_settings_for(config: JobConfig, site: str) -> dict[str, Any] | None:
     if not {"planned_steps", "planned_rounds"} & settings.keys():
         # the job's own plan: ε is then known before training and the engine refuses any step beyond it
         settings.update(planned_rounds=config.num_rounds, local_epochs=config.local_epochs)
-    return settings
+    from nvflare_jobs.secure_aggregation.distributed import fill_distributed
+
+    # distributed DP: the job's sites and threshold, and this site's trust (FETALFL_DP_COLLUDING_SITES)
+    return fill_distributed(settings, sites=len(config.sites), threshold=config.secagg_threshold)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class PrivacyPlan:
     epsilon_dp_sgd: float | None = None  # DP-SGD's steps alone (None: equal to ``epsilon``)
     metrics_noise_multiplier: float | None = None  # privacy.metrics.noise_multiplier (None: Dice withheld)
     metrics_releases: int = 0  # planned Gaussian releases of the noised Dice
+    # distributed DP (privacy.secure_aggregation.distributed_dp): ``epsilon`` is the ε the site's trust level
+    # charges; these are the planned ε against the server alone and against the server + every other site
+    distributed: dict[str, Any] | None = None
 
     def describe(self) -> str:
         text = (
@@ -86,6 +92,15 @@ class PrivacyPlan:
             text += (
                 f" and {self.metrics_releases} noised metrics releases (σ={self.metrics_noise_multiplier:.3g}), "
                 f"composed; DP-SGD alone ε={sgd:.4g}"
+            )
+        d = self.distributed
+        if d:
+            text += (
+                f"; distributed DP under secure aggregation: this site adds σ_site={d['site_noise_multiplier']:.3g} "
+                f"(the sum of any {d['threshold']} of the {d['sites']} sites carries "
+                f"σ={d['aggregate_noise_multiplier']:.3g}): ε={d['planned_epsilon_server']:.4g} against the server "
+                f"alone, ε={d['planned_epsilon_local']:.4g} against the server + every other site (local DP); "
+                f"charged: ε={d['planned_epsilon_charged']:.4g} (assumes {d['colluding_sites']} colluding site(s))"
             )
         return text
 
@@ -121,6 +136,8 @@ def privacy_plan(
     )
     planned = gate.planned_epsilon
     noised = gate.noising and int(metrics_releases) > 0
+    extra = [(float(gate.policy.noise_multiplier), 1.0, int(metrics_releases))] if noised else []  # type: ignore[arg-type]
+    distributed = engine.distributed_report(extra).get("distributed_dp")
     return PrivacyPlan(
         epsilon=float(planned if planned is not None else engine.planned_epsilon),
         delta=float(engine.config.delta),
@@ -133,6 +150,7 @@ def privacy_plan(
         epsilon_dp_sgd=float(engine.planned_epsilon),
         metrics_noise_multiplier=gate.policy.noise_multiplier if noised else None,
         metrics_releases=int(metrics_releases) if noised else 0,
+        distributed=distributed,
     )
 
 

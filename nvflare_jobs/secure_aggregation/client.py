@@ -20,6 +20,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
+from nvflare_jobs.config import DP_REPORT_KEY
 from nvflare_jobs.guard import inspect_update
 from nvflare_jobs.secure_aggregation import META_KEY, SETUP_TASK, UNMASK_TASK
 from privacy.secure_aggregation import Params, ProtocolError, SiteSession
@@ -141,11 +142,16 @@ class SecAggMaskFilter(Filter):
         max_update_norm: the job's ``server.max_update_norm`` (raised for client-level DP noise as the recipe
             computes it): the norm/NaN check the server cannot make on a masked update, made here before masking;
             a failing update is not sent (the server treats the site as dropped and recovers the round).
+        distributed_dp: the job runs distributed DP (``privacy.dp_sgd.distributed``): the update is weighted by the
+            site's number of training cases (the divisor its DP-GD step used), so the weighted sum the server
+            unmasks is the sum of the sites' clipped-gradient sums plus the sum of their noise, in one unit. An
+            update without a distributed DP-SGD report is not sent.
     """
 
-    def __init__(self, max_update_norm: float = 1.0e3) -> None:
+    def __init__(self, max_update_norm: float = 1.0e3, distributed_dp: bool = False) -> None:
         super().__init__()
         self.max_update_norm = float(max_update_norm)
+        self.distributed_dp = bool(distributed_dp)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
@@ -170,6 +176,8 @@ class SecAggMaskFilter(Filter):
             )
         meta = dict(dxo.meta or {})
         weight = meta.pop(FLMetaKey.NUM_STEPS_CURRENT_ROUND, None) or 1
+        if self.distributed_dp:
+            weight = distributed_weight(meta.get(DP_REPORT_KEY))
         update = {k: _as_array(v) for k, v in dxo.data.items()}
         message = session_for(fl_ctx).mask(rnd, update, float(weight), parts)
         meta[META_KEY] = {"self_shares": message["self_shares"], "self_commit": message["self_commit"]}
@@ -180,6 +188,19 @@ class SecAggMaskFilter(Filter):
             f"{len(parts)} participants, L2 norm before masking {verdict.norm:.4g})",
         )
         return shareable
+
+
+def distributed_weight(report: Any) -> int:
+    """The weight of a distributed-DP update: the batch its one full-batch DP-GD step divided by (its N)."""
+    rep = report.get("distributed_dp") if isinstance(report, dict) else None
+    batch = report.get("expected_batch_size") if isinstance(report, dict) else None
+    if not isinstance(rep, dict) or report.get("full_batch") is not True:
+        raise SecureAggregationRefusedError(
+            "distributed DP: the update carries no full-batch distributed DP-SGD report; not sent"
+        )
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise SecureAggregationRefusedError(f"distributed DP: bad expected_batch_size {batch!r} in the DP report")
+    return batch
 
 
 def _as_array(value: Any) -> np.ndarray:

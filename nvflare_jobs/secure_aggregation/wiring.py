@@ -21,7 +21,9 @@ def add_site_side(recipe: Any, config: JobConfig, *, train_task: str, max_update
     )
     recipe._add_to_client_apps(executor, tasks=list(TASKS))
     recipe.add_client_input_filter(SecAggTaskCheck(), tasks=[train_task])
-    recipe.add_client_output_filter(SecAggMaskFilter(max_update_norm=max_update_norm), tasks=[train_task])
+    distributed = bool((config.dp_sgd or {}).get("distributed"))  # job-wide only (nvflare_jobs.config refuses more)
+    mask = SecAggMaskFilter(max_update_norm=max_update_norm, distributed_dp=distributed)
+    recipe.add_client_output_filter(mask, tasks=[train_task])
 
 
 def controller_kwargs(config: JobConfig) -> dict[str, Any]:
