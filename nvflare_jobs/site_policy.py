@@ -304,9 +304,7 @@ class LimitStatistics(Filter):
 
     def _judge(self, fl_ctx: FLContext) -> str | None:
         """Why this site refuses the running statistics job (None: its plan fits)."""
-        import os
-
-        from nvflare_jobs.config import ENV_PRIVACY_LEDGER
+        from fetalseg.site_env import privacy_ledger
         from nvflare_jobs.statistics.config import CONFIG_FILE_NAME, load_stats_config
 
         site = fl_ctx.get_identity_name()
@@ -329,7 +327,7 @@ class LimitStatistics(Filter):
             )
         if self.max_delta is not None and not delta <= self.max_delta:
             return f"the statistics request's delta={delta:.3g} is above this site's max_delta={self.max_delta:.3g}"
-        ledger_path = os.environ.get(ENV_PRIVACY_LEDGER)
+        ledger_path = privacy_ledger()
         if ledger_path:
             from nvflare_jobs.statistics.site_data import dataset_id, site_data_dir
             from privacy.ledger import PrivacyBudgetExceeded, SiteLedger
