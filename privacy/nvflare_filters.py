@@ -22,7 +22,6 @@ The jobs must send differences: ``TransferType.DIFF`` / ``params_type=DIFF``.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 
-from fetalseg.site_env import ENV_PRIVACY_LEDGER, ENV_SITE_STATE, SiteDataError, site_data_dir, site_dataset_id
+from fetalseg.site_env import SiteDataError, privacy_ledger, site_data_dir, site_dataset_id, site_state
 from privacy.accounting import DEFAULT_ACCOUNTANT, DEFAULT_DELTA
 from privacy.filters import (
     CLIENT_DP_SCOPE,
@@ -298,7 +297,7 @@ def _site_state_path(fl_ctx: FLContext, name: str) -> Path | None:
     job_id = fl_ctx.get_job_id()
     if not job_id:
         return None
-    folder = os.environ.get(ENV_SITE_STATE)
+    folder = site_state()
     if not folder:
         workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
         if workspace is None and fl_ctx.get_engine() is not None:
@@ -313,7 +312,7 @@ def _site_ledger(fl_ctx: FLContext, data_root: str | None) -> _LedgerTarget | No
 
     Fail-closed: with a ledger set, a job whose dataset cannot be worked out raises (nothing is sent).
     """
-    path = os.environ.get(ENV_PRIVACY_LEDGER)
+    path = privacy_ledger()
     if not path:
         return None
     from privacy.ledger import SiteLedger
