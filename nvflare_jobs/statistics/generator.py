@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.statistics_spec import Bin, DataType, Feature, Histogram, HistogramType, Statistics
 
-from fetalseg.site_env import ENV_PRIVACY_LEDGER
+from fetalseg.site_env import ENV_PRIVACY_LEDGER, privacy_ledger
 from privacy.statistics import SiteStatisticsRelease, StatisticsRequest, StatisticsRequestError
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ class FetalStatistics(Statistics):
         from nvflare_jobs.statistics.site_data import dataset_id, patient_records, site_data_dir
 
         data_dir = site_data_dir(self.site, self.data_root)
-        ledger_path = os.environ.get(ENV_PRIVACY_LEDGER)
+        ledger_path = privacy_ledger()
         if not ledger_path and self.require_ledger:
             raise StatisticsRequestError(
                 f"site {self.site}: no privacy ledger ({ENV_PRIVACY_LEDGER} is not set); statistics are charged to "
