@@ -16,6 +16,7 @@ are read from the files the job writes (``metrics/round_metrics.jsonl``, ``fetal
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fetal_fl.report import PRIVATE, PRIVATE_LOCAL, PUBLIC  # the experiment names the report reads
+from fetalseg.plumbing import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 SITES_POLICY_DIR = REPO / "nvflare_jobs" / "sites"
@@ -363,6 +365,60 @@ def run_federated(config: dict[str, Any], workspace: Path, *, poc: bool) -> Path
     return job_dir
 
 
+@dataclass
+class StatisticsRun:
+    """The federated statistics job running in the background (it mostly waits on NVFlare's polling, so it runs
+    beside public pretraining and training instead of adding its ~1 minute to the demo)."""
+
+    process: subprocess.Popen
+    config: Any
+    workspace: Path
+    log_path: Path
+
+    def result(self, timeout_s: float = 900) -> tuple[Path, Any] | str:
+        """(result file, config) once the job ends, or the reason it failed (the report says so)."""
+        from nvflare_jobs.statistics.job import find_result
+
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_process(self.process)
+            return f"the statistics job did not end within {timeout_s:.0f} s (log {self.log_path})"
+        tail = " / ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-3:])
+        if code != 0:
+            return f"the statistics job failed (exit {code}, log {self.log_path}): {tail}"
+        try:
+            return find_result(self.workspace / "sim" / self.config.name, self.config), self.config
+        except FileNotFoundError as exc:
+            return f"the statistics job wrote no result ({exc}; log {self.log_path})"
+
+
+def start_statistics(out: Path, sites: list[str], data_root: Path) -> StatisticsRun:
+    """Start the federation-before-training step: NVFlare's federated statistics workflow (``fetal-fl fl stats run
+    --sim`` in a child process, its log in ``out/fl/statistics.log``) on the demo's sites, default DP request.
+
+    The demo has no site privacy ledgers, so ε is reported, not charged (``--no-ledger``); a real site charges it
+    with its training jobs."""
+    from nvflare_jobs.statistics.config import load_stats_config
+
+    # min_count 2 (default 3): the --quick sites hold 4 cases and NVFlare's (non-DP) cleanser would hide most rows
+    cfg = load_stats_config().with_changes(
+        sites=list(sites), data_root=str(data_root.resolve()), require_ledger=False, min_count=2
+    )
+    workspace = out / "fl" / "statistics"
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    workspace.mkdir(parents=True)
+    config_file = out / "fl" / "statistics.json"
+    config_file.write_text(json.dumps(cfg.to_dict(), indent=2))
+    log_path = out / "fl" / "statistics.log"
+    cmd = [sys.executable, "-m", "fetal_fl.cli", "fl", "stats", "run", "--sim", "--no-ledger"]
+    cmd += ["--config", str(config_file), "--workspace", str(workspace)]
+    with fl_environment(), log_path.open("w") as log:
+        process = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    return StatisticsRun(process, cfg, workspace, log_path)
+
+
 def site_state_dir(workspace: Path) -> Path:
     """Where the demo's sites keep their own state (``FETALFL_SITE_STATE``): DP-SGD accountant, local parts."""
     return workspace / "site_state"
@@ -531,6 +587,9 @@ def run_demo(args: argparse.Namespace) -> int:
     splits = load_sites(site_dirs, seed=args.seed)
     bundle = Bundle("train", variant=size.variant)
     lap("synthesize", t0)
+    print("  federated statistics of the sites (NVFlare's statistics workflow, simulator, DP) start in the background")
+    stats_run = start_statistics(out, sites, out / "data")
+    atexit.register(lambda: stats_run.process.poll() is None and stop_process(stats_run.process))  # demo failed
 
     public: PublicStart | None = None
     t0 = time.perf_counter()
@@ -625,6 +684,12 @@ def run_demo(args: argparse.Namespace) -> int:
     command = server_command(studies, model_path, size.variant, args.port)
     lap("install", t0)
 
+    t0 = time.perf_counter()
+    statistics = stats_run.result()  # finished long ago in a normal run: this wait is the time it added
+    if isinstance(statistics, str):
+        print(f"  federated statistics not available: {statistics}")
+    lap("federated_statistics_wait", t0)
+
     print(f"[6/{steps}] writing the report")
     t0 = time.perf_counter()
     run = DemoRun(
@@ -633,7 +698,7 @@ def run_demo(args: argparse.Namespace) -> int:
         mode=mode, sites=sites, splits=splits, bundle=bundle, experiments=experiments, private_rows=private_rows,
         plain_rows=plain_rows, job_config=cfg, job_dir=job_dir, installed=installed, server_command=command,
         timings=timings, fl_info=fl_eval["info"], public=public, site_state=site_state,
-        installed_sites=installed_sites,
+        installed_sites=installed_sites, statistics=statistics,
     )  # fmt: skip
     report = write_report(run)
     lap("report", t0)

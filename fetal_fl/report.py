@@ -60,6 +60,7 @@ class DemoRun:
     public: Any = None  # fetal_fl.demo.PublicStart, or None when every model started from fresh weights
     site_state: Path | None = None  # the sites' own state folder (FETALFL_SITE_STATE): DP-SGD state, local parts
     installed_sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> what its app serves
+    statistics: Any = None  # (result file, StatsJobConfig) of the federated statistics job, or why it is missing
 
 
 def _plt() -> Any:
@@ -495,6 +496,29 @@ def bench_section(results: Path = BENCH_RESULTS) -> list[str]:
 
 
 # -- the report -------------------------------------------------------------------------------------------------
+def statistics_section(run: DemoRun, folder: Path) -> list[str]:
+    """How the sites differ before training (:func:`nvflare_jobs.statistics.report.report_section`: DP table, ε,
+    plots written to ``folder``); the reason when the job did not run; nothing when the demo did not ask for it."""
+    if run.statistics is None:
+        return []
+    title = "## The federation before training (federated statistics, differentially private)"
+    if isinstance(run.statistics, str):
+        return [title, "", f"Not available in this run: {run.statistics}", ""]
+    from fetalseg.site_env import ENV_PRIVACY_LEDGER
+    from nvflare_jobs.statistics.report import report_section
+
+    result_path, config = run.statistics
+    lines = report_section(result_path, config, folder).rstrip("\n").splitlines()
+    if not config.require_ledger:
+        lines += [
+            "",
+            "This demo runs without site privacy ledgers: the ε above is reported, not charged. A site that sets "
+            f"`{ENV_PRIVACY_LEDGER}` charges it to the same ledger as its training jobs and refuses a request its "
+            "budget cannot hold (docs/federated_statistics.md).",
+        ]
+    return [*lines, ""]
+
+
 def write_report(run: DemoRun) -> Path:
     """Write ``<out>/report/report.md`` and its PNGs; return the Markdown file."""
     folder = run.out / "report"
@@ -576,6 +600,7 @@ def write_report(run: DemoRun) -> Path:
             if run.size == "quick"
             else []
         ),
+        *statistics_section(run, folder),
         "Every experiment uses the same split of each site (fetalseg.baseline.split_site): it trains on the train "
         "cases, selects its best round/epoch on the validation cases, and is scored here on the held-out test cases "
         "only.",

@@ -90,6 +90,18 @@ def test_report_has_every_table_with_dice_in_range(demo: dict) -> None:
                 assert 0.0 <= values["dice"] <= 1.0, (name, site, tissue)
 
 
+def test_report_shows_the_federation_before_training(demo: dict) -> None:
+    """The sites' federated statistics (NVFlare's statistics workflow, DP noised) are in the report: a row per site
+    and the federation, the ε they cost, and their plots."""
+    report = (demo["out"] / "report" / "report.md").read_text()
+    assert "## The federation before training" in report
+    section = report.split("## The federation before training")[1].split("\n## ")[0]
+    assert "Not available" not in section, section
+    assert all(f"| {site} |" in section for site in SITES) and "**all sites**" in section
+    assert "ε=" in section and "not charged" in section
+    assert (demo["out"] / "report" / "stats_orientation.png").stat().st_size > 1000
+
+
 def test_epsilon_is_finite_and_positive_for_every_site(demo: dict) -> None:
     results = json.loads((demo["out"] / "report" / "results.json").read_text())
     eps = results["experiments"]["federated+privacy"]["epsilon"]
