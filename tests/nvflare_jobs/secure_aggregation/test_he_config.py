@@ -97,3 +97,12 @@ def test_the_server_refuses_a_plaintext_update_and_passes_ciphertext() -> None:
     enc = DXO(DataKind.WEIGHT_DIFF, data={"w": ts.ckks_vector(ctx, [1.0, 2.0])}).to_shareable()
     assert check.process(enc, FLContext()) is enc
     assert ts.context_from(make_contexts()[0]).has_secret_key() is False  # the server's context cannot decrypt
+
+
+def test_a_site_requiring_a_threshold_of_two_refuses_an_he_job() -> None:
+    from nvflare_jobs.site_policy import PolicyViolationError, check_secure_aggregation
+
+    he = JobConfig.from_dict(he_config())
+    check_secure_aggregation(he)  # HE is secure aggregation against the server alone...
+    with pytest.raises(PolicyViolationError, match="threshold 1"):  # ...but one colluding site decrypts everything
+        check_secure_aggregation(he, min_threshold=2)
