@@ -538,10 +538,10 @@ def scale(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def secure_aggregation(d: dict[str, Any]) -> list[Row]:
+def secure_aggregation(d: dict[str, Any], name: str = "secure_aggregation") -> list[Row]:
     """bench_secure_aggregation.py: secure aggregation ÷ plain FedAvg per round in the same run (issue 20: time ≤ 1.10×,
-    bytes per site ≤ 1.05×), and the maths' cost at the sites and the server for 3, 10 and 30 sites."""
-    name = "secure_aggregation"
+    bytes per site ≤ 1.05×), and the maths' cost at the sites and the server for 3, 10 and 30 sites; with ``--he``
+    also NVFlare's HE option ÷ plain (for comparison, no goal)."""
     rows = []
     for sim in (d.get("simulation"), d.get("simulation_long")):
         if not sim or sim.get("time_ratio_median") is None:
@@ -553,6 +553,10 @@ def secure_aggregation(d: dict[str, Any]) -> list[Row]:
         rows.append(Row(name, what, f"{_ratio(tr)} median (rounds: {per_round})", "≤ 1.10×", _verdict(tr <= 1.10)))
         what = f"bytes sent per site per round, secure ÷ plain ({n} sites, {steps} local steps/round)"
         rows.append(Row(name, what, f"{br:.4f}×", "≤ 1.05×", _verdict(br <= 1.05)))
+        if sim.get("he_time_ratio_median") is not None:
+            what = f"NVFlare HE (TenSEAL CKKS) ÷ plain: round time; bytes per site ({n} sites, {steps} steps/round)"
+            he_t, he_b = sim["he_time_ratio_median"], sim["he_bytes_ratio_median"]
+            rows.append(Row(name, what, f"{_ratio(he_t)}; {he_b:.1f}×", "–", "–"))
     for r in d["scale"]:
         t = {k: v * 1e3 for k, v in r["seconds"].items()}
         what = (f"{r['sites']} sites, maths only: masking per site; server unmasking with 0 / {r['dropped']} dropped "
@@ -604,6 +608,7 @@ SUMMARIZERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "subspace_capacity": subspace_capacity,
     "scale": scale,
     "secure_aggregation": secure_aggregation,
+    "secure_aggregation_he": lambda d: secure_aggregation(d, "secure_aggregation_he"),  # + NVFlare's HE, same run
     "encrypted_inference": encrypted_inference,
     "fedstats": fedstats,
     "encrypted_inference_patch48": encrypted_inference,  # one window of the bundle's own 48³ patch (2 mm grid)
