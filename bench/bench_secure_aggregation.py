@@ -320,6 +320,8 @@ def he_table(sim: dict[str, Any]) -> list[str]:
 def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     lines = ["# Secure aggregation: cost against plain FedAvg (issue 20)", ""]
     lines.append(f"Measured {result['date']} on {result['machine']} (`{result['command']}`).")
+    if result.get("label"):
+        lines += ["", f"**{result['label']}**"]
     lines.append("")
     for sim in (result.get("simulation"), result.get("simulation_long")):
         if not sim:
@@ -395,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2, help="local steps per round of the short simulation")
     ap.add_argument("--long-steps", type=int, default=40, help="local steps per round of the long one (0: none)")
     ap.add_argument("--skip-simulation", action="store_true")
+    ap.add_argument("--label", default="", help="a line under the title (e.g. 'REDUCED run: ...')")
     ap.add_argument("--he", action="store_true", help="also run the job under NVFlare's HE option (same run)")
     ap.add_argument("--out", default=str(RESULTS / "secure_aggregation.md"))
     ap.add_argument("--report-only", action="store_true", help="rewrite --out from its .json, measuring nothing")
@@ -416,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             ["python bench/bench_secure_aggregation.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "goals": {"time_ratio": GOAL_TIME, "bytes_ratio": GOAL_BYTES},
+        "label": args.label,
     }
     layout = model_layout()
     result["scale"] = []
