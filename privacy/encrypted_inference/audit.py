@@ -16,7 +16,6 @@ Enabled only through the environment (``FETAL_FL_PRIVATE_INFER_AUDIT`` = output 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,11 @@ import numpy as np
 import torch
 
 from fetalseg.plumbing import atomic_write_json
+from fetalseg.settings import PrivateInferAuditSettings, env_names
 from privacy.encrypted_inference.shims import PRECISION_BITS
 
-ENV_OUT = "FETAL_FL_PRIVATE_INFER_AUDIT"
-ENV_SECRET = "FETAL_FL_PRIVATE_INFER_AUDIT_SECRET"
+ENV_OUT = env_names(PrivateInferAuditSettings, "private_infer_audit")[0]
+ENV_SECRET = env_names(PrivateInferAuditSettings, "private_infer_audit_secret")[0]
 FIXED_POINT_SCALE = 2**PRECISION_BITS  # the encoder shims.crypten_module() configures
 SAMPLE = 200_000  # elements compared per received tensor (hits); all of them are counted in bytes
 MIN_CORRELATION_SIZE = 4_000  # below this, chance correlations of random data are too large to read
@@ -130,7 +130,8 @@ def install(comm: Any, audit: ReceivedAudit) -> None:
 
 def from_environment() -> tuple[ReceivedAudit, Path] | None:
     """The audit the environment asks for, or None (normal use)."""
-    out, secret = os.environ.get(ENV_OUT), os.environ.get(ENV_SECRET)
+    settings = PrivateInferAuditSettings.load()
+    out, secret = settings.private_infer_audit, settings.private_infer_audit_secret
     if not out or not secret:
         return None
     return ReceivedAudit(np.load(secret)), Path(out)

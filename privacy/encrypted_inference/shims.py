@@ -30,12 +30,14 @@ from typing import Any
 
 import torch
 
+from fetalseg.settings import CryptenSettings
+
 CRYPTEN_VERSION = "0.4.1"
 # Fractional bits of the fixed point. 20 took the tiny network's agreement (one party) from 99.83 % to 99.997 %, but
 # two-party local truncation fails with probability ~|v|·2**(2·bits)/2**63 per product (a huge wrong value that the
 # next instance norm spreads over its window): at 20 bits a whole 64³ volume (8 windows of 48³) agreed on only 63 %.
 # 16 (CrypTen's default) makes such failures 256x rarer. Both parties must use the same (it is in the fingerprint).
-PRECISION_BITS = int(os.environ.get("FETAL_FL_CRYPTEN_PRECISION_BITS", "16"))
+PRECISION_BITS = CryptenSettings.load().crypten_precision_bits  # $FETAL_FL_CRYPTEN_PRECISION_BITS, default 16
 SQRT_NEWTON_ITERATIONS = 10  # CrypTen default 3; instance norm needs 10 (measured: 12 % -> 99.97 % agreement)
 _OLD_REGISTRATION = "torch.onnx._internal.registration"
 _NEW_REGISTRATION = "torch.onnx._internal.torchscript_exporter.registration"
