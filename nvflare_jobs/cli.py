@@ -114,12 +114,13 @@ def _run(args: argparse.Namespace) -> int:
         result = run_simulation(config, args.workspace)
         print(json.dumps({"mode": "simulator", "job": config.name, "workspace": str(result)}, indent=2))
         return 0
+    from fetalseg.site_env import ENV_DATA_ROOT
     from nvflare_jobs.deploy import SITES_DIR, PocFederation, running
     from nvflare_jobs.fetal_brain.job import export_job
 
     policies = {} if args.no_site_policies else {s: SITES_DIR / s / "privacy.json" for s in config.sites}
     policies = {s: p for s, p in policies.items() if p.is_file()}
-    env = {"FETALFL_DATA_ROOT": config.data_root} if config.data_root else {}
+    env = {ENV_DATA_ROOT: config.data_root} if config.data_root else {}
     federation = PocFederation(args.workspace, sites=config.sites, env=env, site_policies=policies)
     with running(federation) as fed:
         job_id = fed.submit(export_job(config, args.workspace / "jobs"))
