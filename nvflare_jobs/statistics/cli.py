@@ -146,9 +146,10 @@ def _run_job(args: argparse.Namespace, cfg: Any) -> tuple[Path, str]:
 
     if args.sim:
         return run_simulation(cfg, args.workspace.resolve() / "sim"), "FINISHED:COMPLETED"
+    from fetalseg.site_env import ENV_DATA_ROOT
     from nvflare_jobs.deploy import SITES_DIR, PocFederation, running
 
-    env = {"FETALFL_DATA_ROOT": cfg.data_root} if cfg.data_root else {}
+    env = {ENV_DATA_ROOT: cfg.data_root} if cfg.data_root else {}
     if args.ledger is not None:
         env[ENV_PRIVACY_LEDGER] = str(args.ledger.resolve())
     # the demo site policies: their 'statistics' scope checks the request (LimitStatistics) before any task
