@@ -18,6 +18,8 @@ ENV_SITE_DATA = env_names(SiteSettings, "site_data")[0]  # a site's own data fol
 ENV_DATA_ROOT = env_names(SiteSettings, "data_root")[0]  # parent folder holding <site name>/ (wins over data.root)
 ENV_SITE_STATE = env_names(SiteSettings, "site_state")[0]  # per-job state that must survive a client restart
 ENV_PRIVACY_LEDGER = env_names(SiteSettings, "privacy_ledger")[0]  # a site's privacy ledger, across jobs
+# every name of the four, deprecated ones included (tests and launchers clear them all)
+SITE_VARIABLES = tuple(name for field in SiteSettings.model_fields for name in env_names(SiteSettings, field))
 
 
 class SiteDataError(ValueError):
