@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from fetalseg.site_env import SITE_VARIABLES
+
 REPO = Path(__file__).resolve().parents[2]
 SITES = ["site-1", "site-2", "site-3"]
 TINY_OVERRIDES = {"pixdim": [4, 4, 4], "patch_size": [32, 32, 32]}
@@ -66,7 +68,7 @@ def fl_env() -> Iterator[dict[str, str]]:
         mp.setenv("PATH", path)
         mp.setenv("PYTHONPATH", pythonpath)
         mp.setenv("OMP_NUM_THREADS", "1")
-        for var in ("FETALFL_SITE_DATA", "FETALFL_DATA_ROOT", "FETALFL_PRIVACY_LEDGER", "FETALFL_SITE_STATE"):
+        for var in SITE_VARIABLES:  # new names and their deprecated aliases
             mp.delenv(var, raising=False)
         yield {"PATH": path, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
 
