@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from fetalseg.plumbing import free_port
+from fetalseg.site_env import SITE_VARIABLES
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -41,7 +42,7 @@ def _env(tmp: Path) -> dict[str, str]:
         MONAI_LABEL_SESSION_PATH=str(tmp / "sessions"),
         OMP_NUM_THREADS="1",
     )
-    for var in ("FETALFL_SITE_DATA", "FETALFL_DATA_ROOT", "FETALFL_PRIVACY_LEDGER", "FETALFL_SITE_STATE"):
+    for var in SITE_VARIABLES:  # new names and their deprecated aliases
         env.pop(var, None)
     return env
 
