@@ -90,11 +90,11 @@ def site_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     ledger variables leaking in from the environment, one torch thread (tests share 2 cores). Returns ``tmp_path``."""
     import torch
 
-    from fetalseg.site_env import ENV_DATA_ROOT, ENV_PRIVACY_LEDGER, ENV_SITE_DATA, ENV_SITE_STATE
+    from fetalseg.site_env import ENV_SITE_STATE, SITE_VARIABLES
 
-    monkeypatch.setenv(ENV_SITE_STATE, str(tmp_path / "state"))
-    for var in (ENV_SITE_DATA, ENV_PRIVACY_LEDGER, ENV_DATA_ROOT):
+    for var in SITE_VARIABLES:  # new names and their deprecated aliases
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(ENV_SITE_STATE, str(tmp_path / "state"))
     torch.set_num_threads(1)
     return tmp_path
 
