@@ -10,6 +10,8 @@ The maths is :mod:`privacy.secure_aggregation`; this package carries it over NVF
 * :mod:`.server`: the controller mixin that runs key agreement once per job and the unmasking step every round,
   and :class:`~.server.SecureAggregator`, which sums masked inputs and hands FedAvg/FedProx/FedOpt the unmasked
   mean only.
+* :mod:`.he`: the second option, ``"method": "he"``: NVFlare's homomorphic encryption (TenSEAL CKKS) with the
+  encryptor placed last on every site and checked there, and NVFlare's HE aggregator on the server.
 """
 
 SETUP_TASK = "secagg_setup"  # key agreement: advertise (step "advertise") then shares and tags (step "share")
