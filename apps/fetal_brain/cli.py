@@ -325,7 +325,7 @@ def register(subparsers: Any) -> None:
         nargs=2,
         action="append",
         metavar=("KEY", "VALUE"),
-        help="app setting as for serve (for a PACS: pacs_credentials, pacs_cache, pacs_timeout_s)",
+        help="app setting as for serve (for a PACS: pacs_credentials, pacs_cache, pacs_timeout_s, pacs_series)",
     )
     export.set_defaults(handler=cmd_export_cases)
 

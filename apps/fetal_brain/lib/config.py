@@ -48,7 +48,9 @@ Keys (all optional):
   :mod:`apps.fetal_brain.lib.dicomweb_store`): ``pacs_credentials`` (a JSON file ``{"user", "password"}``, mode
   0600; else ``FETAL_BRAIN_PACS_USER`` / ``FETAL_BRAIN_PACS_PASSWORD`` in the environment, never ``--conf``: a
   command line is visible to every user of the machine), ``pacs_cache`` (the local folder of fetched series and
-  labels; default ``~/.cache/fetal-fl/pacs/<hash of the URL>``), ``pacs_timeout_s`` (default 30).
+  labels; default ``~/.cache/fetal-fl/pacs/<hash of the URL>``), ``pacs_timeout_s`` (default 30), ``pacs_series`` (the
+  regular expression a series' SeriesDescription must match to be a case; default
+  ``apps.fetal_brain.lib.dicomweb_store.DEFAULT_SERIES_PATTERN``: T2 and reconstruction names).
 """
 
 from __future__ import annotations
@@ -114,6 +116,11 @@ class AppConfig(EnvSettings):
     pacs_credentials: Path | None = Field(None, description='a JSON file `{"user", "password"}`, mode 0600')
     pacs_cache: Path | None = Field(None, description="local folder of fetched series and labels")
     pacs_timeout_s: float = Field(30.0, ge=0.1, le=3600, description="PACS request timeout in seconds")
+    pacs_series: str | None = Field(
+        None,
+        description="regular expression a PACS series' SeriesDescription must match to be a case (default: T2 "
+        "and reconstruction names)",
+    )
     pacs_user: str | None = Field(None, repr=False, description="PACS user (environment only, never `--conf`)")
     pacs_password: SecretStr | None = Field(
         None, repr=False, description="PACS password (environment only, never `--conf`)"
@@ -187,6 +194,17 @@ class AppConfig(EnvSettings):
     @classmethod
     def _resolved(cls, value: Any) -> Path | None:
         return Path(str(value)).expanduser().resolve() if value not in (None, "") else None
+
+    @field_validator("pacs_series", mode="before")
+    @classmethod
+    def _pattern(cls, value: Any) -> str | None:
+        if value in (None, ""):
+            return None
+        try:
+            re.compile(str(value))
+        except re.error as exc:
+            raise ValueError(f"pacs_series {value!r} is not a regular expression ({exc})") from exc
+        return str(value)
 
     @field_validator("users_file", mode="before")
     @classmethod

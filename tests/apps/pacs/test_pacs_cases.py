@@ -17,8 +17,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from apps.fetal_brain.lib.config import AppConfig
 from apps.fetal_brain.lib.dicom_seg import label_to_seg, write_seg_file
-from apps.fetal_brain.lib.dicomweb_store import PacsDatastore
+from apps.fetal_brain.lib.dicomweb_store import PacsDatastore, open_pacs_datastore
 from apps.fetal_brain.lib.errors import NotFoundError, UnprocessableError
 from apps.fetal_brain.orthanc import Orthanc
 from fetal_fl.cli import main
@@ -88,7 +89,7 @@ def studies(pacs: Orthanc, tmp_path_factory) -> dict:
     }
 
 
-def test_only_t2w_series_are_cases_and_others_get_clear_errors(pacs: Orthanc, studies: dict, tmp_path: Path):
+def test_only_t2w_series_are_cases_and_others_get_clear_errors(pacs: Orthanc, studies: dict, tmp_path, monkeypatch):
     store = PacsDatastore(pacs.dicomweb_url, tmp_path / "cache", credentials=pacs.auth, timeout_s=10)
     assert sorted(store.list_images()) == sorted([studies["t2"], studies["flagged"], studies["confirmed"]])
     assert store.check_image(studies["t2"]) == studies["t2"]
@@ -107,7 +108,13 @@ def test_only_t2w_series_are_cases_and_others_get_clear_errors(pacs: Orthanc, st
     other = PacsDatastore(
         pacs.dicomweb_url, tmp_path / "cache2", credentials=pacs.auth, timeout_s=10, series_pattern="(?i)dwi"
     )
-    assert other.list_images() == [studies["dwi"]]  # the pattern is a setting
+    assert other.list_images() == [studies["dwi"]]  # the pattern is a setting ...
+    conf = AppConfig.from_conf({"pacs_series": "(?i)localizer", "pacs_cache": str(tmp_path / "cache3")}, env={})
+    monkeypatch.setenv("FETAL_BRAIN_PACS_USER", pacs.user)
+    monkeypatch.setenv("FETAL_BRAIN_PACS_PASSWORD", pacs.password)
+    assert open_pacs_datastore(pacs.dicomweb_url, conf).list_images() == [studies["scout"]]  # ... --conf pacs_series
+    with pytest.raises(ValueError, match="pacs_series"):
+        AppConfig.from_conf({"pacs_series": "(unclosed"}, env={})
 
 
 def test_export_cases_from_the_pacs_keeps_the_qc_rule(pacs: Orthanc, studies: dict, tmp_path, monkeypatch, capsys):
