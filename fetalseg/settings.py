@@ -210,6 +210,16 @@ class UsersSettings(EnvSettings):
     )
 
 
+class DistributedDPSettings(EnvSettings):
+    """A site's trust for distributed DP (``privacy.dp_sgd.distributed``): how many other sites may collude."""
+
+    dp_colluding_sites: str | None = variable(
+        "FETAL_FL_DP_COLLUDING_SITES",
+        description="the site's trust for distributed DP: `all` (default: every other site may collude) or an "
+        "integer c; checked by `nvflare_jobs.secure_aggregation.distributed`",
+    )
+
+
 class CryptenSettings(EnvSettings):
     """Fixed-point precision of the encrypted-inference protocol (CrypTen's default is 16 bits)."""
 
@@ -240,6 +250,7 @@ SETTINGS: tuple[type[EnvSettings], ...] = (
     BundleSettings,
     AuditSettings,
     UsersSettings,
+    DistributedDPSettings,
     CryptenSettings,
     PrivateInferAuditSettings,
 )
