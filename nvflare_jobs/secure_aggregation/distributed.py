@@ -13,11 +13,13 @@ Refused (``ConfigError`` naming the key) wherever the sites' noise would not add
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
-ENV_DP_COLLUDING_SITES = "FETALFL_DP_COLLUDING_SITES"  # the site's trust for distributed DP ("all" or an integer c)
+from fetalseg.settings import DistributedDPSettings, env_names
+
+# the site's trust for distributed DP ("all" or an integer c), read by fetalseg.settings.DistributedDPSettings
+ENV_DP_COLLUDING_SITES = env_names(DistributedDPSettings, "dp_colluding_sites")[0]
 KEY = "privacy.dp_sgd.distributed"
 SGD = "torch.optim.SGD"
 _JOB_FILLED = ("distributed_sites", "distributed_threshold")
@@ -84,9 +86,9 @@ def colluding_sites_from_env(sites: int, environ: Mapping[str, str] | None = Non
     """The site admin's choice (None: every other site may collude, the conservative default)."""
     from privacy.secure_aggregation.distributed_dp import parse_colluding
 
-    env = os.environ if environ is None else environ
+    trust = DistributedDPSettings.load(environ).dp_colluding_sites
     try:
-        return parse_colluding(env.get(ENV_DP_COLLUDING_SITES), sites)
+        return parse_colluding(trust, sites)
     except ValueError as e:
         raise ValueError(f"{ENV_DP_COLLUDING_SITES}: {e}") from None
 
