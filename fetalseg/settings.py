@@ -215,6 +215,7 @@ class DistributedDPSettings(EnvSettings):
 
     dp_colluding_sites: str | None = variable(
         "FETAL_FL_DP_COLLUDING_SITES",
+        "FETALFL_DP_COLLUDING_SITES",
         description="the site's trust for distributed DP: `all` (default: every other site may collude) or an "
         "integer c; checked by `nvflare_jobs.secure_aggregation.distributed`",
     )
