@@ -420,7 +420,7 @@ def start_statistics(out: Path, sites: list[str], data_root: Path) -> Statistics
 
 
 def site_state_dir(workspace: Path) -> Path:
-    """Where the demo's sites keep their own state (``FETALFL_SITE_STATE``): DP-SGD accountant, local parts."""
+    """Where the demo's sites keep their own state (``FETAL_FL_SITE_STATE``): DP-SGD accountant, local parts."""
     return workspace / "site_state"
 
 

@@ -58,7 +58,7 @@ class DemoRun:
     timings: dict[str, float] = field(default_factory=dict)
     fl_info: dict[str, Any] = field(default_factory=dict)
     public: Any = None  # fetal_fl.demo.PublicStart, or None when every model started from fresh weights
-    site_state: Path | None = None  # the sites' own state folder (FETALFL_SITE_STATE): DP-SGD state, local parts
+    site_state: Path | None = None  # the sites' own state folder (FETAL_FL_SITE_STATE): DP-SGD state, local parts
     installed_sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> what its app serves
     statistics: Any = None  # (result file, StatsJobConfig) of the federated statistics job, or why it is missing
 

@@ -149,7 +149,7 @@ def _check(args: argparse.Namespace) -> int:
         "filters": {site: [f.type for f in config.filters_for(site)] for site in config.sites},
         "dp_sgd": {site: config.dp_sgd_for(site) for site in config.sites},
         "data_root": config.data_root,
-        # the site-local part: never sent, kept in each site's FETALFL_SITE_STATE folder
+        # the site-local part: never sent, kept in each site's FETAL_FL_SITE_STATE folder
         "local": {"parameters": config.local_parameters, "fine_tune_epochs": config.local_fine_tune_epochs},
         "initial_checkpoint": None,
     }

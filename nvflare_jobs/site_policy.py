@@ -273,7 +273,7 @@ class RequireSecureAggregation(DXOFilter):
 class LimitStatistics(Filter):
     """Site policy filter for federated statistics jobs (``statistics`` scope, as a task-data filter): a job's
     statistics request is refused before its first task runs when its planned ε (or δ) exceeds ``max_epsilon``
-    (``max_delta``), or does not fit what the site ledger (``$FETALFL_PRIVACY_LEDGER``) has left for the dataset.
+    (``max_delta``), or does not fit what the site ledger (``$FETAL_FL_PRIVACY_LEDGER``) has left for the dataset.
 
     The plan is read from the job's ``custom/fedstats_config.json`` and computed with :mod:`privacy.statistics`
     (data-independent: the same ε every site charges). A statistics job without that file is refused: this site

@@ -195,15 +195,15 @@ class ClientDPFilter(_FailClosedDXOFilter):
 
     ε composes over the rounds this filter has noised and is put in the result's metadata (``fetalfl_privacy``) and
     the site's log. The count survives a client restart: it is kept in ``state_path``, by default
-    ``$FETALFL_SITE_STATE`` (else the app folder's ``privacy_state/``) ``/client_dp_<site>_<job>.json`` — one file
+    ``$FETAL_FL_SITE_STATE`` (else the app folder's ``privacy_state/``) ``/client_dp_<site>_<job>.json`` — one file
     per site and job, so give ``state_path`` only in a site's own ``privacy.json``, never in a job config.
 
-    With a site ledger (``$FETALFL_PRIVACY_LEDGER``) every noised update is charged before it leaves, under job id
+    With a site ledger (``$FETAL_FL_PRIVACY_LEDGER``) every noised update is charged before it leaves, under job id
     ``<job>/client_dp`` on the dataset DP-SGD charges: the cumulative ε against any change of the site's data (see
     :meth:`~privacy.filters.ClientDPConfig.epsilon_any_change`), its δ and accountant. An update that would take the
     dataset past its budget is refused (nothing is sent). That dataset is ``<site>/<data folder name>``, the folder
-    found by :func:`fetalseg.site_env.site_data_dir` from the site's environment (``$FETALFL_SITE_DATA``, else
-    ``$FETALFL_DATA_ROOT/<site>``) or ``data_root``: the job's ``data.root``, which the project's job hands over when
+    found by :func:`fetalseg.site_env.site_data_dir` from the site's environment (``$FETAL_FL_SITE_DATA``, else
+    ``$FETAL_FL_DATA_ROOT/<site>``) or ``data_root``: the job's ``data.root``, which the project's job hands over when
     it builds the filter (in a site's own ``privacy.json`` set the environment instead). With a ledger and no data
     folder the update is refused.
     """

@@ -288,7 +288,7 @@ def register(subparsers: Any) -> None:
     install.add_argument("source", help="checkpoint file or finished NVFlare job folder")
     install.add_argument(
         "--local",
-        help="this site's local part (local_<site>_<job>.pt in the site's FETALFL_SITE_STATE folder): checked to "
+        help="this site's local part (local_<site>_<job>.pt in the site's FETAL_FL_SITE_STATE folder): checked to "
         "belong to this global model (same job, same shared weights), installed beside it and served with it, never "
         "handed out",
     )

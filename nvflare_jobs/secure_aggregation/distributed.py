@@ -3,8 +3,8 @@
 ``"privacy": {"dp_sgd": {"distributed": true, "noise_multiplier": 2.0, ...}}`` means: the unmasked SUM carries
 noise multiplier σ (or the σ a ``target_epsilon`` needs) against the server alone; each site adds σ/√t
 (:mod:`privacy.secure_aggregation.distributed_dp`). The job fills in the number of sites and the threshold; the site
-admin chooses, in the client's environment (``FETALFL_DP_COLLUDING_SITES``, like the ledger's
-``FETALFL_PRIVACY_LEDGER``), how many other sites its ledger assumes collude with the server (default: all of them,
+admin chooses, in the client's environment (``FETAL_FL_DP_COLLUDING_SITES``, like the ledger's
+``FETAL_FL_PRIVACY_LEDGER``), how many other sites its ledger assumes collude with the server (default: all of them,
 i.e. the local-DP ε of σ/√t: no gain unless the site opts in). The site's plan, its policy check and its ledger
 all read the same setting through :func:`nvflare_jobs.plan.dp_settings_for`.
 

@@ -1,6 +1,6 @@
 """The statistics job's own config (one JSON file; kept apart from the training job's ``nvflare_jobs/config.py``).
 
-Keys: ``name``, ``sites``, ``data.root`` (simulations; a hospital sets ``FETALFL_SITE_DATA``), ``scope`` (the
+Keys: ``name``, ``sites``, ``data.root`` (simulations; a hospital sets ``FETAL_FL_SITE_DATA``), ``scope`` (the
 sites' ``privacy.json`` scope the job declares), ``require_ledger``, ``request`` (what to release and at what
 privacy: :class:`privacy.statistics.StatisticsRequest`) and ``nvflare`` (NVFlare's own result cleansers:
 ``min_count`` and ``max_bins_percent`` — NOT differential privacy, see docs/federated_statistics.md).

@@ -4,7 +4,7 @@ A thin adapter: the mechanisms, sensitivities and accounting are :mod:`privacy.s
 records come from :mod:`nvflare_jobs.statistics.site_data`. What it adds is NVFlare's calling pattern:
 
 * ``features()`` (called first in each statistics task) reads the site's cases once, then, before any value is
-  computed, reserves the request's planned ε on the site ledger (``$FETALFL_PRIVACY_LEDGER``, dataset
+  computed, reserves the request's planned ε on the site ledger (``$FETAL_FL_PRIVACY_LEDGER``, dataset
   ``<site>/<data folder name>``: the one training charges). Over budget: :class:`privacy.ledger.
   PrivacyBudgetExceeded` — the task fails, the controller stops the job, nothing is computed or charged.
 * every statistic is noised once and cached; the first value of each of NVFlare's two tasks charges the ledger
@@ -50,7 +50,7 @@ class FetalStatistics(Statistics):
 
     Args:
         request: the statistics request (:meth:`privacy.statistics.StatisticsRequest.from_dict`), checked here.
-        data_root: parent of ``<site>/`` when neither ``FETALFL_SITE_DATA`` nor ``FETALFL_DATA_ROOT`` is set.
+        data_root: parent of ``<site>/`` when neither ``FETAL_FL_SITE_DATA`` nor ``FETAL_FL_DATA_ROOT`` is set.
         require_ledger: refuse to release anything without a site ledger (default; a simulation may turn it off).
     """
 

@@ -194,7 +194,7 @@ def simulate_and_report(
     section with the plots written to ``out_dir``) — the one call the demo report needs.
 
     ``config`` defaults to ``nvflare_jobs/statistics/config.json`` (ε = 2 per site); ``sites`` overrides its sites.
-    The sites charge ``$FETALFL_PRIVACY_LEDGER`` when it is set; set ``require_ledger`` false in ``config`` to run
+    The sites charge ``$FETAL_FL_PRIVACY_LEDGER`` when it is set; set ``require_ledger`` false in ``config`` to run
     without one (ε reported, not charged). Raises RuntimeError with the sites' reasons when no result was written.
     """
     from nvflare_jobs.statistics.config import load_stats_config
