@@ -57,7 +57,7 @@ def dp_settings_for(config: JobConfig, site: str) -> dict[str, Any] | None:
         settings.update(planned_rounds=config.num_rounds, local_epochs=config.local_epochs)
     from nvflare_jobs.secure_aggregation.distributed import fill_distributed
 
-    # distributed DP: the job's sites and threshold, and this site's trust (FETALFL_DP_COLLUDING_SITES)
+    # distributed DP: the job's sites and threshold, and this site's trust (FETAL_FL_DP_COLLUDING_SITES)
     return fill_distributed(settings, sites=len(config.sites), threshold=config.secagg_threshold)
 
 

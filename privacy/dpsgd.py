@@ -780,7 +780,7 @@ class SitePrivacyEngine:
             # Adam(W) divides each site's step by its own noisy second moment
             raise ValueError(
                 f"distributed DP needs torch.optim.SGD at the site (a linear update), got {type(optimizer).__name__}: "
-                'set bundle_overrides {"optimizer#_target_": "torch.optim.SGD"}'
+                'set bundle_overrides {"optimizer": {"_target_": "torch.optim.SGD", ...}}'
             )
         views = self.config.augmentation_multiplicity
         if views > 1:

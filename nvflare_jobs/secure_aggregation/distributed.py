@@ -77,8 +77,9 @@ def check_distributed_dp(
     target = overrides.get("optimizer#_target_") or (overrides.get("optimizer") or {}).get("_target_")
     if target != SGD:
         raise ConfigError(
-            f'{KEY}: true needs a linear site optimizer: bundle_overrides {{"optimizer#_target_": "{SGD}"}} (the '
-            f"bundle's is AdamW, whose per-site step would not let the sites' noise add up), got {target!r}"
+            f'{KEY}: true needs a linear site optimizer: bundle_overrides {{"optimizer": {{"_target_": "{SGD}", '
+            '"params": "$@network.parameters()", "lr": "@learning_rate"}} (the bundle\'s is AdamW, whose per-site '
+            f"step would not let the sites' noise add up), got {target!r}"
         )
 
 

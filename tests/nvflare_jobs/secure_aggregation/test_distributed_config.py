@@ -15,7 +15,9 @@ from tests.nvflare_jobs.conftest import TINY_OVERRIDES, tiny_config
 
 DIST = {"noise_multiplier": 2.0, "max_grad_norm": 1.0, "full_batch": True, "distributed": True, "delta": 1e-5}
 SECURE = {"secure_aggregation": {"enabled": True, "threshold": 2}}
-SGD = {**TINY_OVERRIDES, "optimizer#_target_": "torch.optim.SGD"}
+# the whole optimizer entry (an ``optimizer#_target_`` override fails where train.json is not read, e.g. the server)
+OPTIMIZER = {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": "@learning_rate"}
+SGD = {**TINY_OVERRIDES, "optimizer": OPTIMIZER}
 
 
 def distributed_config(root: Path, **changes) -> dict:
@@ -43,7 +45,7 @@ def _broken(root: Path, change) -> dict:
         (lambda c: c["server"].pop("secure_aggregation"), r"privacy\.dp_sgd\.distributed: true needs server\.secure"),
         (lambda c: c["privacy"]["dp_sgd"].update(full_batch=False), "full_batch"),
         (lambda c: c["training"].update(local_epochs=2), "local_epochs"),
-        (lambda c: c["bundle_overrides"].pop("optimizer#_target_"), "linear site optimizer"),
+        (lambda c: c["bundle_overrides"].pop("optimizer"), "linear site optimizer"),
         (lambda c: c["privacy"]["dp_sgd"].update(colluding_sites=0), "colluding_sites"),
         (lambda c: c["privacy"]["dp_sgd"].update(distributed_threshold=1), "filled in by the job"),
         (lambda c: c["privacy"].update(sites={"site-2": {"dp_sgd": dict(DIST)}}), "job-wide"),
