@@ -84,6 +84,10 @@ def register(subparsers: Any) -> None:
 
     register_stats(sub)
 
+    from nvflare_jobs.resume import register_cli as register_resume  # `fetal-fl fl resume <job id>`
+
+    register_resume(sub)
+
 
 def _help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()

@@ -51,6 +51,31 @@ class MinClientsMixin:
         self._round_task = None
         self._ignore_result_error = True  # failures are judged by _accept_train_result below, never by a panic
 
+    def run(self) -> None:
+        """A continuation of a job a server restart abandoned (:mod:`nvflare_jobs.resume`, from the job meta)
+        starts at the rounds done, runs the rounds left and starts from that job's last global model."""
+        from nvflare_jobs.resume import server_resume_record
+
+        self._resume = server_resume_record(self.fl_ctx)
+        if self._resume is not None:
+            start = int(self._resume["start_round"])
+            if not 1 <= start < self.num_rounds:
+                raise RuntimeError(f"cannot resume at round {start} of {self.num_rounds}")
+            self.info(
+                f"resuming job {self._resume['abandoned_job']} at round {start} of {self.num_rounds} from "
+                f"{self._resume['model']}"
+            )
+            self.start_round, self.num_rounds, self.model = start, self.num_rounds - start, None
+        super().run()
+
+    def load_model(self) -> FLModel:
+        model = super().load_model()
+        if getattr(self, "_resume", None) is not None and model is not None:
+            from nvflare_jobs.resume import load_resumed_params
+
+            model.params = load_resumed_params(self._resume["model"], model.params, self.start_round)
+        return model
+
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         clients = super().sample_clients(None)  # every connected site, never a random subset
         if len(clients) < self.min_clients:

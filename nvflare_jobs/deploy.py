@@ -14,15 +14,16 @@ module only prepares what a site admin would prepare by hand, through NVFlare's 
 :class:`Federation` objects are context managers: leaving the block stops the system and then kills, by pid,
 every process still running in (or naming) the run's private workspace (also after a failure).
 
-A server restart mid-job ends the job, it does not resume it: NVFlare 2.9 writes no job snapshots (the server
-engine's ``persist_components`` is a no-op, "Component snapshot persistence has been removed") and nothing calls
-``JobRunner.restore_running_job`` any more (the start-up restore went with the overseer/HA code), so the
+A server restart mid-job ends the job's run; NVFlare cannot resume it in place: NVFlare 2.9 writes no job snapshots
+(the server engine's ``persist_components`` is a no-op, "Component snapshot persistence has been removed") and
+nothing calls ``JobRunner.restore_running_job`` any more (the start-up restore went with the overseer/HA code), so the
 ``snapshot_persistor`` that POC and provisioned kits still declare in ``local/resources.json`` stays empty and a
 restarted server has no process for the job. The sites learn it at their first heartbeat to the new server and
 abort their part (NVFlare's client/server job sync). What this module adds is the job store's side: the server kit
 gets :class:`InterruptedJobGuard`, which at server start-up ends every job a previous server process left RUNNING
 as ``FINISHED:ABANDONED`` with the reason in its meta (``nvflare job meta <id>``, key ``end_reason``); without
-it such a job stays RUNNING for ever and ``nvflare job wait`` never returns. Resubmit the job to train again.
+it such a job stays RUNNING for ever and ``nvflare job wait`` never returns. The guard then submits the job's
+continuation from its last saved round (:mod:`nvflare_jobs.resume`; off with ``server.resume_on_restart: false``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ LOOPBACK = "127.0.0.1"
 TERMINAL_OK = "FINISHED_OK"
 ABANDONED = "FINISHED:ABANDONED"  # NVFlare's status for a job a server restart left without a server process
 END_REASON_KEY = "end_reason"  # job meta key: why InterruptedJobGuard ended a job
+ROUNDS_DONE_KEY = "rounds_done"  # job meta key: rounds of an abandoned job whose global model was saved
 RESTART_GUARD_ID = "interrupted_job_guard"
 SERVER_STARTED = "Admin Server is started"  # the server log line after which admin commands are answered
 
@@ -194,7 +196,8 @@ def interrupted_job_reason(job_id: str, meta: Mapping[str, Any], app_dir: str | 
         f"job {job_id} ({meta.get('name', '?')}) was {meta.get('status', 'RUNNING')} when the server process stopped; "
         "NVFlare 2.9 cannot resume a job after a server restart (no job snapshots), so it is ended as "
         f"{ABANDONED}; the sites abort their part at their next heartbeat. {progress[0].upper()}{progress[1:]}. "
-        "Submit the job again to train (a new job id: its privacy cost adds to what this one spent)"
+        "Unless its server.resume_on_restart is false, a continuation job starts from the last saved round "
+        "(else: fetal-fl fl resume)"
     )
 
 
@@ -221,12 +224,42 @@ class InterruptedJobGuard(FLComponent):
         workspace = engine.get_workspace()
         ended = []
         for job in job_manager.get_jobs_by_status([RunStatus.RUNNING, RunStatus.DISPATCHED], fl_ctx):
-            reason = interrupted_job_reason(job.job_id, job.meta, workspace.get_app_dir(job.job_id))
+            app_dir = Path(workspace.get_app_dir(job.job_id))
+            reason = interrupted_job_reason(job.job_id, job.meta, app_dir)
             job_manager.update_meta(job.job_id, {END_REASON_KEY: reason}, fl_ctx)
             job_manager.set_status(job.job_id, RunStatus.ABANDONED, fl_ctx)
             self.log_error(fl_ctx, reason)
             ended.append(job.job_id)
+            last = saved_round(app_dir / "FL_global_model.pt")
+            done = {ROUNDS_DONE_KEY: last + 1} if last is not None else {}
+            job_manager.update_meta(job.job_id, done, fl_ctx)  # what `fetal-fl fl resume` continues from
+            job.meta.update({"status": RunStatus.ABANDONED.value, END_REASON_KEY: reason, **done})
+            self.resume(job_manager, job, app_dir, fl_ctx)
         return ended
+
+    def resume(self, job_manager: Any, job: Any, app_dir: Path, fl_ctx: FLContext) -> str | None:
+        """Submit the continuation of an abandoned job (:mod:`nvflare_jobs.resume`) unless its config turns it off
+        (``server.resume_on_restart``) or no round was saved; return its id. Never raises: the abandoned job stays
+        ended, and the log says why it was not resumed."""
+        from nvflare_jobs import resume
+
+        try:
+            if not resume.resume_enabled(resume.stored_job_config(job_manager, job, fl_ctx)):
+                self.log_info(fl_ctx, f"job {job.job_id}: server.resume_on_restart is false; not resumed")
+                return None
+            last = saved_round(app_dir / resume.GLOBAL_MODEL)
+            if last is None:
+                self.log_warning(fl_ctx, f"job {job.job_id}: no saved global model; not resumed (submit it again)")
+                return None
+            new_id = resume.clone_in_store(job_manager, job, last + 1, fl_ctx)
+        except Exception as e:
+            self.log_exception(fl_ctx, f"job {job.job_id} could not be resumed: {e}")
+            return None
+        job_manager.update_meta(
+            job.job_id, {END_REASON_KEY: f"{job.meta.get(END_REASON_KEY, '')} Resumed as job {new_id}."}, fl_ctx
+        )
+        self.log_info(fl_ctx, f"job {job.job_id} resumed as job {new_id} from round {last + 1}")
+        return new_id
 
 
 def install_restart_guard(kit: str | Path) -> Path:

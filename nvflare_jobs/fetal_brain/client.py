@@ -61,6 +61,13 @@ from nvflare_jobs.config import (
 )
 from nvflare_jobs.fetal_brain.model import PREFIX, FetalBrainNet, to_state_dict
 from nvflare_jobs.plan import dp_settings_for, metrics_policy_for, site_split
+from nvflare_jobs.resume import (
+    check_resumed_accounting,
+    keep_sent_update,
+    sent_update,
+    sent_update_path,
+    site_accounting_job_id,
+)
 
 log = logging.getLogger("fetal_fl.client")
 
@@ -586,9 +593,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     flare.init()
     site = flare.get_site_name()
-    job_id = flare.get_job_id()
+    # a continuation of a job a server restart abandoned trains and charges its ledger under that first job's id
+    job_id = site_accounting_job_id(flare.get_job_id())
     trainer = SiteTrainer(config, site, job_id=job_id)
+    if trainer.ledger is not None and trainer.privacy_engine is not None:
+        check_resumed_accounting(
+            trainer.ledger, dataset_id=trainer.dataset_id, job_id=job_id, steps=trainer.privacy_engine.steps
+        )
     writer = SummaryWriter()
+    state_path = getattr(trainer.privacy_engine, "state_path", None)
+    kept_path = sent_update_path(state_path, site, job_id)  # DP sites only: retraining a lost round would cost ε
 
     last_round = -1
     while flare.is_running():
@@ -611,6 +625,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             flare.send(flare.FLModel(metrics=metrics))
             continue
 
+        kept = sent_update(kept_path, round=rnd, global_params=global_state)
+        if kept is not None:  # a continuation asks again for the round whose update a server restart lost
+            log.info("site %s round %d: re-sending the update sent before the server restart (no new DP steps)",
+                     site, rnd)  # fmt: skip
+            flare.send(flare.FLModel(params_type=flare.ParamsType.DIFF, **kept))
+            last_round = rnd
+            continue
         metrics = trainer.validate()  # the received global model on validation cases: drives model selection
         mu = get_fedprox_mu(input_model) if config.algorithm == "fedprox" else None
         stats = trainer.train_round(fedprox_mu=mu)
@@ -631,6 +652,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         # says only what is sent
         loss = "" if trainer.released.dp else f", loss {stats.loss:.4f}"
         log.info("site %s round %d: %d steps%s, %s", site, rnd, stats.steps, loss, metrics)
+        keep_sent_update(kept_path, round=rnd, global_params=global_state,
+                         update={"params": diff, "metrics": metrics, "meta": meta})  # fmt: skip
         flare.send(flare.FLModel(params=diff, params_type=flare.ParamsType.DIFF, metrics=metrics, meta=meta))
         trainer.save_local_part(rnd)  # after the send: the local part stays at the site
         last_round = rnd

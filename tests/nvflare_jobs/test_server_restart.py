@@ -1,10 +1,12 @@
 """The federation server killed mid-job and started again (issue 19 item 2).
 
-NVFlare 2.9 cannot resume a job after a server restart (see :mod:`nvflare_jobs.deploy`: no job snapshots, no
-restore of running jobs), so a restart must end the interrupted job clearly instead: the restarted server marks it
-``FINISHED:ABANDONED`` with the reason and the rounds completed in its meta, the sites stop their part, every site's
-privacy ledger holds exactly the rounds that site trained (once each), nothing is published as the job's model, and
-the restarted federation runs the next job to the end.
+NVFlare 2.9 cannot resume a job in place after a server restart (see :mod:`nvflare_jobs.deploy`: no job
+snapshots, no restore of running jobs). The restarted server marks the interrupted job ``FINISHED:ABANDONED`` with
+the reason and the rounds completed in its meta, the sites stop their part, and (``server.resume_on_restart``,
+default on) a continuation job is submitted from the last saved round (:mod:`nvflare_jobs.resume`): it finishes the
+planned rounds, each site's ledger charges the rounds under the first job's id (one accountant: no round twice,
+no second reservation; a round lost with the server is re-sent, not retrained), so each site's ε equals an
+uninterrupted run's of the same config.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.job_def import Job, RunStatus
 
 from nvflare_jobs.checkpoint import BEST_CHECKPOINT_NAME
-from nvflare_jobs.config import ENV_PRIVACY_LEDGER
+from nvflare_jobs.config import ENV_PRIVACY_LEDGER, ENV_SITE_STATE
 from nvflare_jobs.deploy import (
     ABANDONED,
     END_REASON_KEY,
@@ -42,6 +44,14 @@ from nvflare_jobs.deploy import (
     saved_round,
 )
 from nvflare_jobs.fetal_brain.job import export_job
+from nvflare_jobs.resume import (
+    RESUMED_BY_KEY,
+    RESUMES_KEY,
+    ROUNDS_DONE_KEY,
+    ResumeError,
+    admin_runner,
+    resume_by_admin,
+)
 
 SITES = ["site-1", "site-2", "site-3"]
 DP = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
@@ -66,7 +76,7 @@ def test_the_reason_says_why_and_how_far_the_job_got(tmp_path: Path) -> None:
     assert "job job-1 (fetal) was RUNNING when the server process stopped" in reason
     assert "cannot resume" in reason and ABANDONED in reason
     assert f"2 round(s) of {ROUNDS} planned had completed (0..1)" in reason
-    assert str(app / "FL_global_model.pt") in reason and "Submit the job again" in reason
+    assert str(app / "FL_global_model.pt") in reason and "continuation job starts from the last saved" in reason
     early = interrupted_job_reason("job-1", {"name": "fetal"}, _server_app(tmp_path / "early", last_round=None))
     assert "No round had completed" in early
 
@@ -166,7 +176,7 @@ def test_the_guard_ends_only_jobs_left_running_at_start_up(tmp_path: Path) -> No
     assert guard.end_interrupted_jobs(fl_ctx) == []
 
 
-# -- POC for real: kill the server after round 1, start it again ------------------------------------------------
+# -- POC for real: kill the server after round 1, start it again, the job resumes ----------------------------------
 @dataclass
 class Restart:
     fed: PocFederation
@@ -174,6 +184,10 @@ class Restart:
     status: str
     site_job_pids: list[int]  # the sites' processes of the job just before the server was killed
     ledger: Path
+    continuation: str  # the job the restarted server submitted from the last saved round
+    continuation_status: str
+    uninterrupted: str  # the same config run without a restart, for comparison
+    uninterrupted_status: str
 
 
 def _wait_for_text(path: Path, text: str, *, timeout: float) -> None:
@@ -196,6 +210,10 @@ def _job_processes(fed: PocFederation, job_id: str) -> list[int]:
     return pids
 
 
+def _config(make_config, name: str) -> dict:
+    return make_config(name=name, num_rounds=ROUNDS, privacy={"dp_sgd": DP, "filters": []})
+
+
 @pytest.fixture(scope="module")
 def restart(tmp_path_factory: pytest.TempPathFactory, federation: Path, fl_env: dict, make_config) -> Iterator[Restart]:
     from privacy.ledger import SiteLedger
@@ -203,11 +221,15 @@ def restart(tmp_path_factory: pytest.TempPathFactory, federation: Path, fl_env: 
     workspace = tmp_path_factory.mktemp("restart")
     ledger = workspace / "privacy_ledger.jsonl"  # one ledger file; each site's dataset has its own account in it
     SiteLedger.init(ledger, epsilon_budget=100.0, delta_budget=1e-3, site="poc")
-    env = {**fl_env, "FETALFL_DATA_ROOT": str(federation), ENV_PRIVACY_LEDGER: str(ledger)}
+    env = {
+        **fl_env,
+        "FETALFL_DATA_ROOT": str(federation),
+        ENV_PRIVACY_LEDGER: str(ledger),
+        ENV_SITE_STATE: str(workspace / "site_state"),  # a site's DP accountant state outlives a job's folder
+    }
     fed = PocFederation(workspace, sites=SITES, env=env)
     with running(fed) as started:
-        config = make_config(name="poc_restart", num_rounds=ROUNDS, privacy={"dp_sgd": DP, "filters": []})
-        job_id = started.submit(export_job(config, workspace / "jobs"))
+        job_id = started.submit(export_job(_config(make_config, "poc_restart"), workspace / "jobs"))
         # the workflow logs the next round's start after round 1 was aggregated and its global model saved
         _wait_for_text(started.server_job_dir(job_id) / "log.txt", "Round 2 started", timeout=400)
         site_job_pids = [p for p in _job_processes(started, job_id) if p not in _server_pids(started)]
@@ -215,7 +237,24 @@ def restart(tmp_path_factory: pytest.TempPathFactory, federation: Path, fl_env: 
         assert started.server_processes() == []
         started.start_server()
         status = started.wait(job_id, timeout=120)
-        yield Restart(started, job_id, status, site_job_pids, ledger)
+        continuation = str(started.job_meta(job_id).get(RESUMED_BY_KEY, ""))
+        continuation_status = started.wait(continuation, timeout=600) if continuation else "not submitted"
+        uninterrupted = started.submit(export_job(_config(make_config, "poc_uninterrupted"), workspace / "jobs2"))
+        uninterrupted_status = started.wait(uninterrupted, timeout=600)
+        for done in (continuation, uninterrupted):  # a finished job's server folder goes to the job store
+            if done:
+                started.download(done, workspace / "download" / done)
+        yield Restart(
+            started,
+            job_id,
+            status,
+            site_job_pids,
+            ledger,
+            continuation,
+            continuation_status,
+            uninterrupted,
+            uninterrupted_status,
+        )
     assert fed.processes() == [], "processes of the POC system survived poc stop"
 
 
@@ -225,12 +264,23 @@ def _server_pids(fed: PocFederation) -> set[int]:
 
 def _last_saved_round(fed: PocFederation, job_id: str) -> int:
     model = fed.server_job_dir(job_id) / "app_server" / "FL_global_model.pt"
+    if not model.is_file():  # a finished job: what `nvflare job download` brought back
+        (model,) = (fed.workspace / "download" / job_id).rglob("FL_global_model.pt")
     return int(torch.load(model, map_location="cpu", weights_only=True)["meta_props"]["current_round"])
+
+
+def _downloaded(fed: PocFederation, job_id: str, name: str) -> list[Path]:
+    return sorted((fed.workspace / "download" / job_id).rglob(name))
+
+
+def _trained_rounds(fed: PocFederation, site: str, job_id: str) -> list[int]:
+    log = (fed.site_job_dir(site, job_id) / "log.txt").read_text()
+    return [int(r) for r in re.findall(r"audit: round (\d+) update", log)]  # what left the site, per round
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_the_interrupted_job_ends_abandoned_with_the_reason(restart: Restart) -> None:
     assert restart.status == ABANDONED
     last = _last_saved_round(restart.fed, restart.job_id)
@@ -238,13 +288,15 @@ def test_the_interrupted_job_ends_abandoned_with_the_reason(restart: Restart) ->
     reason = restart.fed.job_meta(restart.job_id)[END_REASON_KEY]
     assert "cannot resume a job after a server restart" in reason
     assert f"{last + 1} round(s) of {ROUNDS} planned had completed (0..{last})" in reason
+    assert f"Resumed as job {restart.continuation}" in reason
+    assert restart.fed.job_meta(restart.job_id)[ROUNDS_DONE_KEY] == last + 1
     server_log = (restart.fed.kit(restart.fed.server_name) / "log.txt").read_text()
     assert re.search(rf"InterruptedJobGuard - ERROR - .*job {restart.job_id} \(poc_restart\) was RUNNING", server_log)
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_the_sites_stop_their_part_of_the_job(restart: Restart) -> None:
     assert restart.site_job_pids, "the sites ran no process for the job before the server was killed"
     deadline = time.monotonic() + 120  # the next heartbeat to the new server aborts it; the trainer gets 30 s
@@ -255,43 +307,83 @@ def test_the_sites_stop_their_part_of_the_job(restart: Restart) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.timeout(900)
-def test_each_sites_ledger_holds_each_trained_round_once(restart: Restart) -> None:
-    from privacy.ledger import SiteLedger
-
-    ledger = SiteLedger(restart.ledger)  # still parses: nothing torn by the kill
-    records = [json.loads(line) for line in restart.ledger.read_text().splitlines()]
+@pytest.mark.timeout(1500)
+def test_the_job_resumes_from_the_last_saved_round_and_finishes(restart: Restart, downloaded_job) -> None:
+    fed, new = restart.fed, restart.continuation
+    assert new and restart.continuation_status == "FINISHED:COMPLETED", (new, restart.continuation_status)
+    meta = fed.job_meta(new)
+    assert meta[RESUMES_KEY] == restart.job_id and meta["name"] == "poc_restart"
+    done = _last_saved_round(fed, restart.job_id) + 1
+    server_log = "".join(p.read_text(errors="replace") for p in _downloaded(fed, new, "log.txt"))
+    started = [int(r) for r in re.findall(r"Round (\d+) started", server_log)]
+    assert started == list(range(done, ROUNDS)), started  # numbering continues; total rounds unchanged
+    assert _last_saved_round(fed, new) == ROUNDS - 1
     for site in SITES:
-        log = (restart.fed.site_job_dir(site, restart.job_id) / "log.txt").read_text()
-        trained = [int(r) for r in re.findall(r"audit: round (\d+) update", log)]  # what left the site, per round
-        assert trained[:2] == [0, 1] and trained == sorted(set(trained)), (site, trained)
-        spends = [
-            r
-            for r in records
-            if r["type"] == "spend" and r["job_id"] == restart.job_id and r["dataset_id"].startswith(f"{site}/")
-        ]
-        assert [r["round"] for r in spends] == trained, site  # charged once per trained round, before it left
-        assert [r["steps"] for r in spends] == [STEPS_PER_ROUND * (i + 1) for i in range(len(trained))], site
-        eps = [r["epsilon"] for r in spends]
-        assert eps == sorted(eps) and len(set(eps)) == len(eps), site  # cumulative: each round adds, none twice
-        (dataset,) = {r["dataset_id"] for r in spends}
-        assert ledger.spent(dataset).jobs[restart.job_id] == (eps[-1], DP["delta"], trained[-1])
+        assert _trained_rounds(fed, site, new) == list(range(done, ROUNDS)), site
+    downloaded_job(fed.workspace / "download" / new, new, rounds=ROUNDS)
+
+
+def _spends(restart: Restart, site: str, job_id: str) -> list[dict]:
+    records = [json.loads(line) for line in restart.ledger.read_text().splitlines()]
+    return [
+        r for r in records if r["type"] == "spend" and r["job_id"] == job_id and r["dataset_id"].startswith(f"{site}/")
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
+def test_each_sites_ledger_counts_every_trained_round_once_under_one_account(restart: Restart) -> None:
+    from privacy.ledger import SiteLedger
+
+    ledger = SiteLedger(restart.ledger)  # still parses: nothing torn by the kill
+    fed = restart.fed
+    held = {r.job_id for r in ledger.reservations()}
+    assert restart.continuation not in held  # the continuation reuses the first job's reservation, holds none
+    done = _last_saved_round(fed, restart.job_id) + 1
+    for site in SITES:
+        before = _trained_rounds(fed, site, restart.job_id)
+        assert before[:2] == [0, 1] and before == sorted(set(before)), (site, before)
+        assert _spends(restart, site, restart.continuation) == []  # charged under the first job's id
+        lineage = _spends(restart, site, restart.job_id)  # training rounds, then the final evaluation's releases
+        steps = [r["steps"] for r in lineage]
+        # one accountant over both parts: every round adds its steps once, none restarts the count
+        assert steps == sorted(steps), (site, steps)
+        # a round trained after the last save (its update lost with the server) is re-sent, not retrained
+        console = (fed.kit(site) / "poc_console.log").read_text()  # where POC sites' training output goes
+        resent = re.findall(rf"site {site} round (\d+): re-sending the update sent before the server restart", console)
+        assert [int(r) for r in resent] == [r for r in before if r >= done], (site, before, resent)
+        assert sorted(set(steps)) == [STEPS_PER_ROUND * (i + 1) for i in range(ROUNDS)], (site, steps)
+        (dataset,) = {r["dataset_id"] for r in lineage}
+        spent = ledger.spent(dataset)
+        eps_resumed = spent.jobs[restart.job_id][0]
+        eps_plain = spent.jobs[restart.uninterrupted][0]
+        assert eps_resumed == pytest.approx(eps_plain, rel=1e-6), site  # the same rounds: the same ε
+        assert spent.epsilon == pytest.approx(eps_resumed + eps_plain, rel=1e-9)  # two accounts, not three
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(1500)
 def test_no_model_is_published_for_the_interrupted_job(restart: Restart) -> None:
     # a DP job's bundle checkpoint is written at the end of the run (no Dice to select on during training): a
-    # killed server never gets there, so nothing claims to be this job's model
+    # killed server never gets there, so nothing claims to be the abandoned run's model
     assert list(restart.fed.server_job_dir(restart.job_id).rglob(BEST_CHECKPOINT_NAME)) == []
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.timeout(900)
-def test_the_restarted_federation_runs_the_next_job_to_the_end(restart: Restart, make_config, downloaded_job) -> None:
+@pytest.mark.timeout(1500)
+def test_a_resume_of_an_unknown_finished_or_resumed_job_is_refused(restart: Restart, tmp_path: Path) -> None:
     fed = restart.fed
-    job_id = fed.submit(export_job(make_config(name="poc_after_restart", num_rounds=1), fed.workspace / "jobs2"))
-    assert fed.wait(job_id, timeout=400) == "FINISHED:COMPLETED"
-    downloaded_job(fed.download(job_id, fed.workspace / "download"), job_id, rounds=1)
+    admin = admin_runner(fed.admin_kit)
+    folder = fed.workspace / "jobs" / "poc_restart"
+    cases = {
+        "0123abcd-0000-0000-0000-000000000000": "not known to the server",
+        restart.uninterrupted: "not FINISHED:ABANDONED",
+        restart.job_id: f"already resumed as job {restart.continuation}",
+    }
+    for job_id, message in cases.items():
+        with pytest.raises(ResumeError, match=message):
+            resume_by_admin(job_id, folder, admin, tmp_path / job_id)
+    assert not (tmp_path / restart.job_id / "continuation").exists()  # refused before anything was built
