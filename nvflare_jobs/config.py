@@ -604,11 +604,6 @@ class JobConfig:
         check_distributed_dp(  # privacy.dp_sgd.distributed: each site adds σ/√t of the sum's noise
             d, secure_aggregation=secure_aggregation, local_epochs=local_epochs, local_parameters=local_parameters
         )
-        from nvflare_jobs.secure_aggregation.distributed import check_distributed_dp
-
-        check_distributed_dp(  # privacy.dp_sgd.distributed: each site adds σ/√t of the sum's noise
-            d, secure_aggregation=secure_aggregation, local_epochs=local_epochs, local_parameters=local_parameters
-        )
         if algorithm == "fedprox" and (dp_sgd is not None or any(v is not None for v in site_dp.values())):
             # Opacus computes per-sample gradients of the data loss only; the proximal term's gradient would be
             # dropped from the private update, so the combination is refused rather than silently changed.
