@@ -122,6 +122,9 @@ def _run(args: argparse.Namespace) -> int:
     from nvflare_jobs.statistics.report import format_table, load_result, plot, privacy_line
 
     cfg = _config_for_run(args)
+    # the simulator's sites read the ledger from this process's environment: set it for the job only, so a caller
+    # that runs more than one command in one process (the tests, a notebook) is not left charging this ledger
+    saved = os.environ.get(ENV_PRIVACY_LEDGER)
     if args.ledger is not None:
         os.environ[ENV_PRIVACY_LEDGER] = str(args.ledger.resolve())
     try:
@@ -129,6 +132,11 @@ def _run(args: argparse.Namespace) -> int:
     except StatisticsJobFailed as e:  # refused at the sites (over budget, policy, data): said plainly, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_PRIVACY_LEDGER, None)
+        else:
+            os.environ[ENV_PRIVACY_LEDGER] = saved
     result = load_result(result_path)
     plots = plot(result, cfg, args.workspace / "plots")
     print(privacy_line(cfg))

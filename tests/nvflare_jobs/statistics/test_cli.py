@@ -49,3 +49,34 @@ def test_bad_inputs_fail_fast_with_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _run(["fl", "stats", "show", str(tmp_path / "missing.json")])
     assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("before", [None, "/elsewhere/ledger.jsonl"])
+def test_run_leaves_the_ledger_variable_as_it_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: str | None
+) -> None:
+    """`stats run --ledger` sets the ledger variable for its job only: left set, a later job in the same process
+    (CI's test session once) charged — or refused to charge — a ledger it was never given."""
+    import os
+
+    from fetalseg.site_env import ENV_PRIVACY_LEDGER
+    from nvflare_jobs.statistics import cli
+    from nvflare_jobs.statistics.job import StatisticsJobFailed
+    from privacy.ledger import SiteLedger
+
+    if before is None:
+        monkeypatch.delenv(ENV_PRIVACY_LEDGER, raising=False)
+    else:
+        monkeypatch.setenv(ENV_PRIVACY_LEDGER, before)
+    seen = []
+
+    def refused(args: argparse.Namespace, cfg: object) -> None:
+        seen.append(os.environ.get(ENV_PRIVACY_LEDGER))
+        raise StatisticsJobFailed("refused at the sites")
+
+    monkeypatch.setattr(cli, "_run_job", refused)  # the job itself is what test_simulation / test_poc run
+    ledger = SiteLedger.init(tmp_path / "ledger.jsonl", epsilon_budget=10.0, delta_budget=1e-3)
+    argv = ["fl", "stats", "run", "--sim", "--workspace", str(tmp_path / "w"), "--ledger", str(ledger.path)]
+    assert _run(argv) == 1
+    assert seen == [str(ledger.path.resolve())]  # the job saw this run's ledger ...
+    assert os.environ.get(ENV_PRIVACY_LEDGER) == before  # ... and the process got its own value back
