@@ -169,10 +169,11 @@ def decrypt_global_model(model_file: str | Path, client_context: str | Path) -> 
     ``client_context.tenseal`` (the secret key). Plain tensors (never encrypted, e.g. round 0) pass unchanged."""
     import numpy as np
     import tenseal as ts
-    import torch
+
+    from fetalseg.bundle import load_checkpoint_file
 
     ctx = ts.context_from(Path(client_context).read_bytes())
-    saved = torch.load(model_file, weights_only=False)
+    saved = load_checkpoint_file(model_file)  # the project's one torch.load: a file cannot run code here
     out = {}
     for name, value in saved["model"].items():
         if isinstance(value, bytes):
